@@ -1,0 +1,163 @@
+"""The backend registry: which implementation runs each op, on which device, and why not.
+
+A backend is a named set of op implementations plus a test of whether it can run on a device.
+``backend="auto"`` (or the ``MCL_KERNELS_BACKEND`` environment variable, which sets what "auto"
+means) picks, per device type and op, the first available backend in :data:`AUTO_ORDER`; asking
+for a backend by name either gets exactly that backend or an error that says why not and how to
+get it. Backward ops a backend has no kernel for fall back to the reference's backward: the
+gradient is defined by the math, not by the forward kernel, so this composition is exact.
+
+Implementation contracts (arguments already validated by `mcl_kernels._checks`; ``needs`` masks
+the gradients to compute; absent results are None):
+
+- ``mcl_embed(x, proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b, k) -> (S, L, R)``
+- ``mcl_embed_backward(gS, gL, gR, x, proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b, k, needs)``
+  ``-> 7 gradients``
+- ``mcl_compress(tokens, comp_w, comp_b, decomp_w, decomp_b, grid_h, grid_w, k) -> (L, R)``
+- ``mcl_compress_backward(gL, gR, tokens, comp_w, comp_b, decomp_w, decomp_b, grid_h, grid_w, k, needs)``
+  ``-> 5 gradients``
+- ``embed_tokens(x, weight, bias, cls_token, pos_embed) -> [B, T, D]``
+- ``embed_tokens_backward(g, x, weight, bias, cls_token, pos_embed, needs) -> 5 gradients``
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _extension, reference
+
+ENV_VAR = "MCL_KERNELS_BACKEND"
+
+
+def _ref_mcl_compress(tokens, comp_w, comp_b, decomp_w, decomp_b, grid_h, grid_w, k):
+    return reference.mcl_level(tokens, (grid_h, grid_w), k, comp_w, comp_b, decomp_w, decomp_b)
+
+
+def _ref_mcl_compress_backward(g_large, g_recon, tokens, comp_w, comp_b, decomp_w, decomp_b, grid_h, grid_w,
+                               k, needs):
+    return reference.mcl_level_backward(g_large, g_recon, tokens, (grid_h, grid_w), k, comp_w, comp_b, decomp_w,
+                                        needs)
+
+
+REFERENCE_OPS: Dict[str, Callable] = {
+    "mcl_embed": reference.mcl_embed,
+    "mcl_embed_backward": reference.mcl_embed_backward,
+    "mcl_compress": _ref_mcl_compress,
+    "mcl_compress_backward": _ref_mcl_compress_backward,
+    "embed_tokens": reference.embed_tokens,
+    "embed_tokens_backward": reference.embed_tokens_backward,
+}
+
+
+@dataclass
+class Backend:
+    """A named set of op implementations and a test of whether they can run on a device."""
+    name: str
+    ops: Dict[str, Callable]
+    unavailable: Callable[[torch.device], Optional[str]]
+    """Returns None when the backend runs on the device, else the reason it does not."""
+    how_to_get: str
+    covers: str = field(default="")
+
+
+def _native_unavailable(device_type: str) -> Callable[[torch.device], Optional[str]]:
+    def check(device: torch.device) -> Optional[str]:
+        if _extension._C is None:
+            return f"the compiled extension mcl_kernels._C is not loaded ({_extension.IMPORT_ERROR})"
+        if device.type != device_type:
+            return f"it runs on {device_type} tensors, got tensors on {device}"
+        if device_type == "cuda" and not _extension.built_with_cuda():
+            return "mcl_kernels._C was built without its CUDA part"
+        return None
+    return check
+
+
+def _triton_unavailable(device: torch.device) -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"Triton is not installed ({exc})"
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "Triton runs on CPU tensors only through its interpreter (TRITON_INTERPRET=1, set before import)"
+    if device.type not in ("cpu", "cuda"):
+        return f"Triton kernels run on cuda tensors, got tensors on {device}"
+    return None
+
+
+def _native_ops() -> Dict[str, Callable]:
+    if _extension._C is None:
+        return {}
+    C = _extension._C
+    return {"embed_tokens": lambda x, w, b, cls, pos: C.embed_tokens(x, w, b, cls, pos, int(w.shape[-1]))}
+
+
+BACKENDS: Dict[str, Backend] = {
+    "reference": Backend("reference", REFERENCE_OPS, lambda device: None,
+                         "it is always available", "every op, every device (pure PyTorch)"),
+    "cpu": Backend("cpu", _native_ops(), _native_unavailable("cpu"), _extension.BUILD_HINT,
+                   "embed_tokens (C++)"),
+    "cuda": Backend("cuda", _native_ops(), _native_unavailable("cuda"),
+                    _extension.BUILD_HINT + " on a machine with nvcc, and run on a CUDA device",
+                    "embed_tokens (CUDA C++)"),
+    "triton": Backend("triton", {}, _triton_unavailable,
+                      "pip install triton; on CPU tensors set TRITON_INTERPRET=1 before importing triton",
+                      "no kernels yet"),
+}
+
+# First available backend that implements the op wins. The CPU choice for embed_tokens is data:
+# benchmarks/throughput.py measures the C++ kernel against the reference (conv2d + cat + add).
+AUTO_ORDER: Dict[str, Tuple[str, ...]] = {
+    "cpu": ("cpu", "reference"),
+    "cuda": ("cuda", "triton", "reference"),
+}
+
+
+def check_name(name: str) -> str:
+    """Validate a backend name (``"auto"`` or a registered one) early, e.g. at module construction."""
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {sorted(BACKENDS)}")
+    return name
+
+
+def requested(name: str) -> str:
+    """The backend a call asks for once the environment is taken into account."""
+    check_name(name)
+    if name == "auto":
+        env = os.environ.get(ENV_VAR, "").strip()
+        if env:
+            if env != "auto" and env not in BACKENDS:
+                raise ValueError(f"{ENV_VAR}={env!r} names an unknown backend; expected 'auto' or one of "
+                                 f"{sorted(BACKENDS)}")
+            return env
+    return name
+
+
+def resolve(op: str, name: str, device: torch.device) -> Callable:
+    """The implementation of ``op`` that backend ``name`` runs on ``device``, or a clear error."""
+    name = requested(name)
+    if name == "auto":
+        for candidate in AUTO_ORDER.get(device.type, ("reference",)):
+            backend = BACKENDS[candidate]
+            if op in backend.ops and backend.unavailable(device) is None:
+                return backend.ops[op]
+        return REFERENCE_OPS[op]
+    backend = BACKENDS[name]
+    why = backend.unavailable(device)
+    if why is not None:
+        raise RuntimeError(f"mcl_kernels backend {name!r} is not available: {why}. To get it: {backend.how_to_get}. "
+                           f"Or use backend='auto' / 'reference'.")
+    if op in backend.ops:
+        return backend.ops[op]
+    if op.endswith("_backward"):
+        return REFERENCE_OPS[op]
+    raise NotImplementedError(f"mcl_kernels backend {name!r} has no kernel for {op} yet (it covers: {backend.covers}); "
+                              f"use backend='auto' or 'reference' for this op")
+
+
+def available(device: torch.device) -> Sequence[str]:
+    """Names of the backends that can run on ``device``."""
+    return [n for n, b in BACKENDS.items() if b.unavailable(device) is None]

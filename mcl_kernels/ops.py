@@ -1,0 +1,201 @@
+"""The PyTorch ops (`torch.library` custom ops): schema, fake implementation, autograd, dispatch.
+
+Each op validates its arguments (`_checks`), then runs the implementation the backend registry
+(`backends.resolve`) picks for the op, the backend name and the tensors' device. Fake
+implementations give shapes only, so `torch.compile(fullgraph=True)` and `torch.export` trace through
+without graph breaks; the backward of each op is an op of its own, so compiled training graphs keep
+it opaque too and a backend can provide a fused backward kernel.
+
+Custom ops cannot return None, so an absent result (no decompression, a gradient not asked for)
+travels as an empty tensor and becomes None again here.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _checks, backends
+
+_EMPTY = (0,)
+
+
+def _absent(like: Tensor) -> Tensor:
+    return like.new_empty(_EMPTY)
+
+
+def _own(t: Optional[Tensor], like: Tensor, inputs: Sequence[Optional[Tensor]]) -> Tensor:
+    """A contiguous result that shares no memory with any input, as custom ops require (a vjp may hand
+    back an upstream gradient itself, e.g. the gradient of an added position embedding)."""
+    if t is None:
+        return _absent(like)
+    t = t.contiguous()
+    if any(i is not None and torch._C._is_alias_of(t, i) for i in inputs):
+        t = t.clone()
+    return t
+
+
+def _grads_to_none(grads: Sequence[Tensor], needs: Sequence[bool]) -> List[Optional[Tensor]]:
+    return [g if need else None for g, need in zip(grads, needs)]
+
+
+def _fake_grads(tensors: Sequence[Optional[Tensor]], needs: Sequence[bool], like: Tensor) -> List[Tensor]:
+    return [torch.empty_like(t) if need and t is not None else _absent(like) for t, need in zip(tensors, needs)]
+
+
+# --- training embedding: pixels -> (S, L, R) -------------------------------------------------------
+
+@torch.library.custom_op("mcl_kernels::mcl_embed", mutates_args=())
+def mcl_embed(x: Tensor, proj_w: Tensor, proj_b: Optional[Tensor], comp_w: Tensor, comp_b: Optional[Tensor],
+              decomp_w: Optional[Tensor], decomp_b: Optional[Tensor], k: int, backend: str
+              ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Small tokens ``S``, large tokens ``L`` and reconstructed small tokens ``R`` (empty without decompression)."""
+    _checks.check_mcl_embed(x, proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b, k)
+    inputs = (x, proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b)
+    s, l, r = backends.resolve("mcl_embed", backend, x.device)(*inputs, k)
+    return _own(s, x, inputs), _own(l, x, inputs), _own(r, x, inputs)
+
+
+@mcl_embed.register_fake
+def _(x, proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b, k, backend):
+    hs, ws = _checks.check_mcl_embed(x, proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b, k)
+    B, D = x.shape[0], proj_w.shape[0]
+    small = x.new_empty((B, hs * ws, D))
+    large = x.new_empty((B, (hs // k) * (ws // k), D))
+    recon = x.new_empty((B, hs * ws, D)) if decomp_w is not None else _absent(x)
+    return small, large, recon
+
+
+@torch.library.custom_op("mcl_kernels::mcl_embed_backward", mutates_args=())
+def mcl_embed_backward(g_small: Optional[Tensor], g_large: Optional[Tensor], g_recon: Optional[Tensor], x: Tensor,
+                       proj_w: Tensor, proj_b: Optional[Tensor], comp_w: Tensor, comp_b: Optional[Tensor],
+                       decomp_w: Optional[Tensor], decomp_b: Optional[Tensor], k: int, needs: List[bool],
+                       backend: str) -> List[Tensor]:
+    """Gradients of :func:`mcl_embed` for ``(x, proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b)``."""
+    inputs = (x, proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b)
+    grads_out = (g_small, g_large, g_recon if decomp_w is not None else None)
+    fn = backends.resolve("mcl_embed_backward", backend, x.device)
+    grads = fn(*grads_out, *inputs, k, needs)
+    return [_own(g, x, inputs + grads_out) for g in grads]
+
+
+@mcl_embed_backward.register_fake
+def _(g_small, g_large, g_recon, x, proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b, k, needs, backend):
+    return _fake_grads((x, proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b), needs, x)
+
+
+def _mcl_embed_setup(ctx, inputs, output):
+    *tensors, k, backend = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.k, ctx.backend = k, backend
+
+
+def _mcl_embed_grad(ctx, g_small, g_large, g_recon):
+    needs = [bool(n) for n in ctx.needs_input_grad[:7]]
+    grads = mcl_embed_backward(g_small, g_large, g_recon, *ctx.saved_tensors, ctx.k, needs, ctx.backend)
+    return (*_grads_to_none(grads, needs), None, None)
+
+
+mcl_embed.register_autograd(_mcl_embed_grad, setup_context=_mcl_embed_setup)
+
+
+# --- one token-level compression (chain levels after the first): tokens -> (L, R) -----------------
+
+@torch.library.custom_op("mcl_kernels::mcl_compress", mutates_args=())
+def mcl_compress(tokens: Tensor, comp_w: Tensor, comp_b: Optional[Tensor], decomp_w: Optional[Tensor],
+                 decomp_b: Optional[Tensor], grid_h: int, grid_w: int, k: int, backend: str
+                 ) -> Tuple[Tensor, Tensor]:
+    """Large tokens ``L`` and reconstruction ``R`` (empty without decompression) of tokens on a grid."""
+    _checks.check_mcl_compress(tokens, grid_h, grid_w, comp_w, comp_b, decomp_w, decomp_b, k)
+    inputs = (tokens, comp_w, comp_b, decomp_w, decomp_b)
+    l, r = backends.resolve("mcl_compress", backend, tokens.device)(*inputs, grid_h, grid_w, k)
+    return _own(l, tokens, inputs), _own(r, tokens, inputs)
+
+
+@mcl_compress.register_fake
+def _(tokens, comp_w, comp_b, decomp_w, decomp_b, grid_h, grid_w, k, backend):
+    _checks.check_mcl_compress(tokens, grid_h, grid_w, comp_w, comp_b, decomp_w, decomp_b, k)
+    B, N, D = tokens.shape
+    large = tokens.new_empty((B, (grid_h // k) * (grid_w // k), D))
+    recon = tokens.new_empty((B, N, D)) if decomp_w is not None else _absent(tokens)
+    return large, recon
+
+
+@torch.library.custom_op("mcl_kernels::mcl_compress_backward", mutates_args=())
+def mcl_compress_backward(g_large: Optional[Tensor], g_recon: Optional[Tensor], tokens: Tensor, comp_w: Tensor,
+                          comp_b: Optional[Tensor], decomp_w: Optional[Tensor], decomp_b: Optional[Tensor],
+                          grid_h: int, grid_w: int, k: int, needs: List[bool], backend: str) -> List[Tensor]:
+    """Gradients of :func:`mcl_compress` for ``(tokens, comp_w, comp_b, decomp_w, decomp_b)``."""
+    inputs = (tokens, comp_w, comp_b, decomp_w, decomp_b)
+    grads_out = (g_large, g_recon if decomp_w is not None else None)
+    fn = backends.resolve("mcl_compress_backward", backend, tokens.device)
+    grads = fn(*grads_out, *inputs, grid_h, grid_w, k, needs)
+    return [_own(g, tokens, inputs + grads_out) for g in grads]
+
+
+@mcl_compress_backward.register_fake
+def _(g_large, g_recon, tokens, comp_w, comp_b, decomp_w, decomp_b, grid_h, grid_w, k, needs, backend):
+    return _fake_grads((tokens, comp_w, comp_b, decomp_w, decomp_b), needs, tokens)
+
+
+def _mcl_compress_setup(ctx, inputs, output):
+    *tensors, grid_h, grid_w, k, backend = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.grid, ctx.k, ctx.backend = (grid_h, grid_w), k, backend
+
+
+def _mcl_compress_grad(ctx, g_large, g_recon):
+    needs = [bool(n) for n in ctx.needs_input_grad[:5]]
+    grads = mcl_compress_backward(g_large, g_recon, *ctx.saved_tensors, *ctx.grid, ctx.k, needs, ctx.backend)
+    return (*_grads_to_none(grads, needs), None, None, None, None)
+
+
+mcl_compress.register_autograd(_mcl_compress_grad, setup_context=_mcl_compress_setup)
+
+
+# --- inference embedding: pixels -> [B, T, D] with class token and position embedding --------------
+
+@torch.library.custom_op("mcl_kernels::embed_tokens", mutates_args=())
+def embed_tokens(x: Tensor, weight: Tensor, bias: Optional[Tensor], cls_token: Optional[Tensor],
+                 pos_embed: Optional[Tensor], backend: str) -> Tensor:
+    """Patch embedding with class token and position embedding written into one ``[B, T, D]`` buffer."""
+    _checks.check_embed_tokens(x, weight, bias, cls_token, pos_embed)
+    inputs = (x, weight, bias, cls_token, pos_embed)
+    return _own(backends.resolve("embed_tokens", backend, x.device)(*inputs), x, inputs)
+
+
+@embed_tokens.register_fake
+def _(x, weight, bias, cls_token, pos_embed, backend):
+    T, D = _checks.check_embed_tokens(x, weight, bias, cls_token, pos_embed)
+    return x.new_empty((x.shape[0], T, D))
+
+
+@torch.library.custom_op("mcl_kernels::embed_tokens_backward", mutates_args=())
+def embed_tokens_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                          cls_token: Optional[Tensor], pos_embed: Optional[Tensor], needs: List[bool],
+                          backend: str) -> List[Tensor]:
+    """Gradients of :func:`embed_tokens` for ``(x, weight, bias, cls_token, pos_embed)``."""
+    inputs = (x, weight, bias, cls_token, pos_embed)
+    grads = backends.resolve("embed_tokens_backward", backend, x.device)(grad, *inputs, needs)
+    return [_own(g, x, inputs + (grad,)) for g in grads]
+
+
+@embed_tokens_backward.register_fake
+def _(grad, x, weight, bias, cls_token, pos_embed, needs, backend):
+    return _fake_grads((x, weight, bias, cls_token, pos_embed), needs, x)
+
+
+def _embed_tokens_setup(ctx, inputs, output):
+    *tensors, backend = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.backend = backend
+
+
+def _embed_tokens_grad(ctx, grad):
+    needs = [bool(n) for n in ctx.needs_input_grad[:5]]
+    grads = embed_tokens_backward(grad, *ctx.saved_tensors, needs, ctx.backend)
+    return (*_grads_to_none(grads, needs), None)
+
+
+embed_tokens.register_autograd(_embed_tokens_grad, setup_context=_embed_tokens_setup)

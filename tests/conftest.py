@@ -1,0 +1,15 @@
+"""Test-wide set-up. Triton's interpreter must be chosen before `triton` is first imported, so that
+Triton kernels run on CPU tensors in the suite (DESIGN §4)."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_isolate(monkeypatch):
+    torch.manual_seed(0)
+    monkeypatch.delenv("MCL_KERNELS_BACKEND", raising=False)
+    yield

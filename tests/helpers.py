@@ -1,0 +1,53 @@
+"""Shared test helpers: parameter factories and a comparison that says where and by how much."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def assert_close(name: str, actual: Optional[Tensor], expected: Optional[Tensor], atol: float, rtol: float = 0.0):
+    assert (actual is None) == (expected is None), f"{name}: one side is None ({actual is None}, {expected is None})"
+    if actual is None:
+        return
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
+    if actual.numel() == 0:
+        return
+    a, e = actual.double(), expected.double()
+    err = (a - e).abs()
+    tol = atol + rtol * e.abs()
+    if not bool((err <= tol).all()):
+        idx = tuple(int(i) for i in torch.nonzero(err > tol)[0])
+        worst = int(err.argmax())
+        raise AssertionError(f"{name}: {int((err > tol).sum())}/{err.numel()} elements off; first at {idx}: "
+                             f"{a[idx].item():.6g} vs {e[idx].item():.6g}; max abs error {err.max().item():.3g} "
+                             f"at flat index {worst} (atol={atol}, rtol={rtol})")
+
+
+def rel_err(actual: Tensor, expected: Tensor) -> float:
+    """Max abs error over max abs value: one number for 'relative' error of a whole tensor."""
+    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max().clamp_min(1e-30)).item()
+
+
+def mcl_params(C: int, D: int, p: int, ks, *, decompress: bool = True, tied: bool = False, bias: bool = True,
+               dtype=torch.float32, requires_grad: bool = False, scale: float = 0.1):
+    """Random weights for a chain of levels: ``(proj_w, proj_b, [(k, cw, cb, dw, db), ...])``."""
+    def r(*shape):
+        return (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype).requires_grad_(requires_grad)
+
+    proj_w, proj_b = r(D, C, p, p), (r(D) if bias else None)
+    levels = []
+    for k in ks:
+        cw = r(D, k * k * D)
+        cb = r(D) if bias else None
+        dw = None if not decompress or tied else r(k * k * D, D)
+        db = r(k * k * D) if decompress and bias else None
+        levels.append((k, cw, cb, dw, db))
+    return proj_w, proj_b, levels
+
+
+def resolve_tied(levels, tied: bool):
+    """The reference's view of a level list: tied decompression becomes ``W_d = W_c^T``."""
+    return [(k, cw, cb, cw.t() if tied else dw, db) for k, cw, cb, dw, db in levels]

@@ -1,0 +1,233 @@
+"""The op layer: every path through the ops matches the reference (forward and every gradient), and the
+ops are real PyTorch ops (opcheck, torch.compile(fullgraph=True), torch.export)."""
+import pytest
+import torch
+
+import mcl_kernels as mk
+from mcl_kernels import reference
+from helpers import assert_close, mcl_params, resolve_tied
+
+CASES = [  # (B, C, D, p, ks, (H, W))
+    (2, 3, 16, 4, (2,), (16, 24)),       # non-square
+    (1, 3, 40, 4, (3,), (24, 36)),       # batch 1, D not a multiple of 16, k = 3
+    (3, 1, 24, 14, (2,), (28, 56)),      # patch 14, one channel
+    (0, 3, 8, 4, (2,), (16, 16)),        # empty batch
+    (2, 2, 12, 2, (2, 2), (16, 8)),      # chain 2 -> 4 -> 8
+]
+MODES = ["untied", "tied", "no_decompress"]
+
+
+def _flat(out):
+    """MCLTokens -> flat list of tensors (tuples for chains, None skipped)."""
+    items = []
+    for field in out:
+        if field is None:
+            continue
+        items.extend(field if isinstance(field, tuple) else [field])
+    return items
+
+
+def _run_both(B, C, D, p, ks, hw, mode, dtype=torch.float32, backend="auto", layout="contiguous"):
+    pw, pb, levels = mcl_params(C, D, p, ks, decompress=mode != "no_decompress", tied=mode == "tied",
+                                dtype=dtype, requires_grad=True)
+    x = torch.randn(B, C, *hw, dtype=dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.randn(B, C, hw[0], 2 * hw[1], dtype=dtype)[..., ::2]
+    x.requires_grad_(True)
+    chain = len(ks) > 1
+    pick = (lambda v: v) if chain else (lambda v: v[0])  # noqa: E731
+    out = mk.mcl_embed(x, pw, pb, pick([lv[1] for lv in levels]), pick([lv[2] for lv in levels]),
+                       pick([lv[3] for lv in levels]) if mode == "untied" else None,
+                       pick([lv[4] for lv in levels]), compress=pick(list(ks)), tied_decompress=mode == "tied",
+                       backend=backend)
+    tokens, recons = reference.mcl_embed_chain(x, pw, pb, resolve_tied(levels, mode == "tied"))
+    expected = tokens + [r for r in recons if r is not None]
+    got = _flat(out) if not chain else list(out.small) + [out.large[-1]] + list(out.recon or ())
+    params = [x, pw, pb] + [t for lv in levels for t in lv[1:] if t is not None]
+    return got, expected, params
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}C{c[1]}D{c[2]}p{c[3]}k{c[4]}{c[5][0]}x{c[5][1]}")
+def test_forward_and_every_gradient_match_reference(case, mode):
+    got, expected, params = _run_both(*case, mode)
+    assert len(got) == len(expected)
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert_close(f"output {i}", g, e, atol=1e-5, rtol=1e-5)
+    upstream = [torch.randn_like(e) for e in expected]
+    g_got = torch.autograd.grad(got, params, upstream, allow_unused=True)
+    g_ref = torch.autograd.grad(expected, params, upstream, allow_unused=True)
+    for i, (a, b) in enumerate(zip(g_got, g_ref)):
+        assert_close(f"grad of input {i}", a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+def test_layouts_give_same_result(layout):
+    torch.manual_seed(1)
+    got, expected, _ = _run_both(2, 3, 16, 4, (2,), (16, 24), "untied", layout=layout)
+    for g, e in zip(got, expected):
+        assert_close(layout, g, e, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+def test_low_precision_forward(dtype, atol):
+    got, expected, _ = _run_both(2, 3, 16, 4, (2,), (16, 24), "untied", dtype=dtype)
+    for g, e in zip(got, expected):
+        assert g.dtype == dtype
+        assert_close("low precision", g, e, atol=atol, rtol=atol)
+
+
+def test_empty_batch_shapes():
+    got, _, params = _run_both(0, 3, 8, 4, (2,), (16, 16), "untied")
+    assert [tuple(t.shape) for t in got] == [(0, 16, 8), (0, 4, 8), (0, 16, 8)]
+    grads = torch.autograd.grad(sum(t.sum() for t in got), params[1:])
+    assert all(int(torch.count_nonzero(g)) == 0 for g in grads)
+
+
+def test_gradients_only_where_asked():
+    pw, pb, [(k, cw, cb, dw, db)] = mcl_params(3, 8, 4, (2,))
+    cw.requires_grad_(True)
+    x = torch.randn(1, 3, 16, 16)
+    out = mk.mcl_embed(x, pw, pb, cw, cb, dw, db, compress=k)
+    (g,) = torch.autograd.grad(out.large.sum(), [cw])
+    ref = torch.autograd.grad(reference.mcl_embed(x, pw, pb, cw, cb, dw, db, k)[1].sum(), [cw])[0]
+    assert_close("grad compress.weight", g, ref, atol=1e-5)
+
+
+def test_embed_tokens_op_matches_reference():
+    x = torch.randn(3, 2, 64, 32, requires_grad=True)
+    w = torch.randn(10, 2, 32, 32, requires_grad=True)
+    b, cls, pos = (torch.randn(10, requires_grad=True), torch.randn(1, 1, 10, requires_grad=True),
+                   torch.randn(1, 3, 10, requires_grad=True))
+    for backend in ["reference", "auto"]:
+        out = mk.embed_tokens(x, w, b, cls, pos, backend=backend)
+        ref = reference.embed_tokens(x, w, b, cls, pos)
+        assert_close(f"{backend} forward", out, ref, atol=1e-4, rtol=1e-4)
+        up = torch.randn_like(ref)
+        for i, (a, e) in enumerate(zip(torch.autograd.grad(out, [x, w, b, cls, pos], up),
+                                       torch.autograd.grad(ref, [x, w, b, cls, pos], up))):
+            assert_close(f"{backend} grad {i}", a, e, atol=1e-3, rtol=1e-4)
+
+
+# ---- real PyTorch ops ------------------------------------------------------------------------------
+
+def _opcheck_samples():
+    pw, pb, [(k, cw, cb, dw, db)] = mcl_params(2, 6, 2, (2,), requires_grad=True)
+    x = torch.randn(2, 2, 8, 12, requires_grad=True)
+    yield "mcl_embed", (x, pw, pb, cw, cb, dw, db, k, "reference")
+    yield "mcl_embed no decompress", (x, pw, None, cw, None, None, None, k, "auto")
+    tokens = torch.randn(2, 24, 6, requires_grad=True)
+    yield "mcl_compress", (tokens, cw, cb, dw, db, 4, 6, k, "reference")
+    yield "embed_tokens", (x, torch.randn(6, 2, 4, 4, requires_grad=True), None,
+                           torch.randn(6, requires_grad=True), torch.randn(7, 6, requires_grad=True), "auto")
+
+
+@pytest.mark.parametrize("name,args", list(_opcheck_samples()), ids=lambda v: v if isinstance(v, str) else "")
+def test_opcheck(name, args):
+    op = {"mcl_embed": torch.ops.mcl_kernels.mcl_embed.default,
+          "mcl_compress": torch.ops.mcl_kernels.mcl_compress.default,
+          "embed_tokens": torch.ops.mcl_kernels.embed_tokens.default}[name.split()[0]]
+    torch.library.opcheck(op, args)
+
+
+def test_opcheck_backward_ops():
+    pw, pb, [(k, cw, cb, dw, db)] = mcl_params(2, 6, 2, (2,))
+    x = torch.randn(2, 2, 8, 12)
+    s, l, r = reference.mcl_embed(x, pw, pb, cw, cb, dw, db, k)
+    torch.library.opcheck(torch.ops.mcl_kernels.mcl_embed_backward.default,
+                          (torch.randn_like(s), torch.randn_like(l), torch.randn_like(r), x, pw, pb, cw, cb, dw, db,
+                           k, [True, True, True, True, True, True, True], "auto"))
+
+
+def test_compile_fullgraph_forward_backward_same_numbers():
+    """Forward traced whole (fullgraph), backward through AOTAutograd's compiled graph: same numbers."""
+    torch._dynamo.reset()
+    m = mk.FusedMCLEmbed(img_size=(16, 24), patch_size=4, compress=2, in_chans=3, embed_dim=16)
+
+    def loss_fn(module, inp):
+        out = module(inp)
+        return out.small.square().mean() + out.large.sum() + (out.recon - out.small).square().mean()
+
+    def run(fn):
+        x = torch.randn(2, 3, 16, 24, generator=torch.Generator().manual_seed(3), requires_grad=True)
+        m.zero_grad()
+        loss = fn(m, x)
+        loss.backward()
+        return [loss, x.grad] + [p.grad.clone() for p in m.parameters()]
+
+    eager = run(loss_fn)
+    compiled = run(torch.compile(loss_fn, fullgraph=True))
+    for i, (a, b) in enumerate(zip(compiled, eager)):
+        assert_close(f"compiled result {i}", a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_compile_fullgraph_merged_embed():
+    torch._dynamo.reset()
+    m = mk.FusedMCLEmbed(img_size=32, patch_size=8, embed_dim=12).fuse()
+    x = torch.randn(2, 3, 32, 32)
+    cls, pos = torch.randn(1, 1, 12), torch.randn(1, 5, 12)
+    compiled = torch.compile(lambda a: m(a, cls, pos), fullgraph=True)
+    assert_close("compiled merged", compiled(x), m(x, cls, pos), atol=1e-5)
+
+
+def test_export_training_and_merged_embed():
+    m = mk.FusedMCLEmbed(img_size=(16, 32), patch_size=4, embed_dim=8, tied_decompress=True)
+    x = torch.randn(2, 3, 16, 32)
+    ep = torch.export.export(m, (x,))
+    for a, b in zip(ep.module()(x), m(x)):
+        assert_close("exported training embed", a, b, atol=1e-6)
+    names = {n.target for n in ep.graph.nodes if n.op == "call_function"}
+    assert torch.ops.mcl_kernels.mcl_embed.default in names
+    merged = m.fuse()
+    ep2 = torch.export.export(merged, (x,))
+    assert_close("exported merged embed", ep2.module()(x), merged(x), atol=1e-6)
+
+
+# ---- backend registry ------------------------------------------------------------------------------
+
+def test_unknown_backend_is_rejected_early():
+    with pytest.raises(ValueError, match="unknown backend 'fast'.*'reference'"):
+        mk.FusedMCLEmbed(backend="fast")
+    with pytest.raises(ValueError, match="unknown backend"):
+        mk.embed_tokens(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 8, 8), backend="nope")
+
+
+def test_environment_sets_what_auto_means(monkeypatch):
+    x = torch.randn(1, 3, 8, 8)
+    w = torch.randn(4, 3, 8, 8)
+    monkeypatch.setenv("MCL_KERNELS_BACKEND", "reference")
+    assert mk.backends.requested("auto") == "reference"
+    assert mk.backends.requested("cpu") == "cpu"  # an explicit choice wins over the environment
+    assert_close("env reference", mk.embed_tokens(x, w), reference.embed_tokens(x, w, None, None, None), atol=1e-5)
+    monkeypatch.setenv("MCL_KERNELS_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="MCL_KERNELS_BACKEND='bogus'"):
+        mk.embed_tokens(x, w)
+
+
+def test_backend_without_kernel_for_op_says_so():
+    m = mk.FusedMCLEmbed(img_size=16, patch_size=4, embed_dim=8, backend="cpu")
+    with pytest.raises((NotImplementedError, RuntimeError), match="backend 'cpu'"):
+        m(torch.randn(1, 3, 16, 16))
+
+
+def test_unavailable_backend_says_why_and_how():
+    x, w = torch.randn(1, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available: .*To get it"):
+        mk.embed_tokens(x, w, backend="cuda")
+
+
+def test_unavailable_cpu_backend_when_extension_missing(monkeypatch):
+    from mcl_kernels import _extension
+    monkeypatch.setattr(_extension, "_C", None)
+    monkeypatch.setattr(_extension, "IMPORT_ERROR", "ModuleNotFoundError: No module named 'mcl_kernels._C'")
+    x, w = torch.randn(1, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    with pytest.raises(RuntimeError, match="not available: the compiled extension .* not loaded.*pip install"):
+        mk.embed_tokens(x, w, backend="cpu")
+    assert_close("auto falls back", mk.embed_tokens(x, w), reference.embed_tokens(x, w, None, None, None), atol=1e-5)
+
+
+def test_triton_backend_has_no_kernels_yet():
+    with pytest.raises((NotImplementedError, RuntimeError), match="backend 'triton'"):
+        mk.embed_tokens(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 8, 8), backend="triton")
