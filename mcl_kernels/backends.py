@@ -11,10 +11,10 @@ Implementation contracts (arguments already validated by `mcl_kernels._checks`; 
 the gradients to compute; absent results are None):
 
 - ``mcl_embed(x, proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b, k) -> (S, L, R)``
-- ``mcl_embed_backward(gS, gL, gR, x, proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b, k, needs)``
-  ``-> 7 gradients``
+- ``mcl_embed_backward(gS, gL, gR, x, proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b, S, L, k, needs)``
+  ``-> 7 gradients`` (``S``, ``L``: the forward's outputs, saved; a kernel may use or recompute them)
 - ``mcl_compress(tokens, comp_w, comp_b, decomp_w, decomp_b, grid_h, grid_w, k) -> (L, R)``
-- ``mcl_compress_backward(gL, gR, tokens, comp_w, comp_b, decomp_w, decomp_b, grid_h, grid_w, k, needs)``
+- ``mcl_compress_backward(gL, gR, tokens, comp_w, comp_b, decomp_w, decomp_b, L, grid_h, grid_w, k, needs)``
   ``-> 5 gradients``
 - ``embed_tokens(x, weight, bias, cls_token, pos_embed) -> [B, T, D]``
 - ``embed_tokens_backward(g, x, weight, bias, cls_token, pos_embed, needs) -> 5 gradients``
@@ -37,9 +37,9 @@ def _ref_mcl_compress(tokens, comp_w, comp_b, decomp_w, decomp_b, grid_h, grid_w
     return reference.mcl_level(tokens, (grid_h, grid_w), k, comp_w, comp_b, decomp_w, decomp_b)
 
 
-def _ref_mcl_compress_backward(g_large, g_recon, tokens, comp_w, comp_b, decomp_w, decomp_b, grid_h, grid_w,
-                               k, needs):
-    return reference.mcl_level_backward(g_large, g_recon, tokens, (grid_h, grid_w), k, comp_w, comp_b, decomp_w,
+def _ref_mcl_compress_backward(g_large, g_recon, tokens, comp_w, comp_b, decomp_w, decomp_b, large, grid_h,
+                               grid_w, k, needs):
+    return reference.mcl_level_backward(g_large, g_recon, tokens, large, (grid_h, grid_w), k, comp_w, decomp_w,
                                         needs)
 
 

@@ -70,24 +70,26 @@ def _(x, proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b, k, backend):
 @torch.library.custom_op("mcl_kernels::mcl_embed_backward", mutates_args=())
 def mcl_embed_backward(g_small: Optional[Tensor], g_large: Optional[Tensor], g_recon: Optional[Tensor], x: Tensor,
                        proj_w: Tensor, proj_b: Optional[Tensor], comp_w: Tensor, comp_b: Optional[Tensor],
-                       decomp_w: Optional[Tensor], decomp_b: Optional[Tensor], k: int, needs: List[bool],
-                       backend: str) -> List[Tensor]:
-    """Gradients of :func:`mcl_embed` for ``(x, proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b)``."""
+                       decomp_w: Optional[Tensor], decomp_b: Optional[Tensor], small: Tensor, large: Tensor, k: int,
+                       needs: List[bool], backend: str) -> List[Tensor]:
+    """Gradients of :func:`mcl_embed` for ``(x, proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b)``;
+    ``small`` and ``large`` are the forward's outputs (saved, so the reference need not recompute them)."""
     inputs = (x, proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b)
     grads_out = (g_small, g_large, g_recon if decomp_w is not None else None)
     fn = backends.resolve("mcl_embed_backward", backend, x.device)
-    grads = fn(*grads_out, *inputs, k, needs)
-    return [_own(g, x, inputs + grads_out) for g in grads]
+    grads = fn(*grads_out, *inputs, small, large, k, needs)
+    return [_own(g, x, inputs + grads_out + (small, large)) for g in grads]
 
 
 @mcl_embed_backward.register_fake
-def _(g_small, g_large, g_recon, x, proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b, k, needs, backend):
+def _(g_small, g_large, g_recon, x, proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b, small, large, k, needs,
+      backend):
     return _fake_grads((x, proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b), needs, x)
 
 
 def _mcl_embed_setup(ctx, inputs, output):
     *tensors, k, backend = inputs
-    ctx.save_for_backward(*tensors)
+    ctx.save_for_backward(*tensors, output[0], output[1])
     ctx.k, ctx.backend = k, backend
 
 
@@ -125,23 +127,25 @@ def _(tokens, comp_w, comp_b, decomp_w, decomp_b, grid_h, grid_w, k, backend):
 @torch.library.custom_op("mcl_kernels::mcl_compress_backward", mutates_args=())
 def mcl_compress_backward(g_large: Optional[Tensor], g_recon: Optional[Tensor], tokens: Tensor, comp_w: Tensor,
                           comp_b: Optional[Tensor], decomp_w: Optional[Tensor], decomp_b: Optional[Tensor],
-                          grid_h: int, grid_w: int, k: int, needs: List[bool], backend: str) -> List[Tensor]:
-    """Gradients of :func:`mcl_compress` for ``(tokens, comp_w, comp_b, decomp_w, decomp_b)``."""
+                          large: Tensor, grid_h: int, grid_w: int, k: int, needs: List[bool], backend: str
+                          ) -> List[Tensor]:
+    """Gradients of :func:`mcl_compress` for ``(tokens, comp_w, comp_b, decomp_w, decomp_b)``;
+    ``large`` is the forward's output."""
     inputs = (tokens, comp_w, comp_b, decomp_w, decomp_b)
     grads_out = (g_large, g_recon if decomp_w is not None else None)
     fn = backends.resolve("mcl_compress_backward", backend, tokens.device)
-    grads = fn(*grads_out, *inputs, grid_h, grid_w, k, needs)
-    return [_own(g, tokens, inputs + grads_out) for g in grads]
+    grads = fn(*grads_out, *inputs, large, grid_h, grid_w, k, needs)
+    return [_own(g, tokens, inputs + grads_out + (large,)) for g in grads]
 
 
 @mcl_compress_backward.register_fake
-def _(g_large, g_recon, tokens, comp_w, comp_b, decomp_w, decomp_b, grid_h, grid_w, k, needs, backend):
+def _(g_large, g_recon, tokens, comp_w, comp_b, decomp_w, decomp_b, large, grid_h, grid_w, k, needs, backend):
     return _fake_grads((tokens, comp_w, comp_b, decomp_w, decomp_b), needs, tokens)
 
 
 def _mcl_compress_setup(ctx, inputs, output):
     *tensors, grid_h, grid_w, k, backend = inputs
-    ctx.save_for_backward(*tensors)
+    ctx.save_for_backward(*tensors, output[0])
     ctx.grid, ctx.k, ctx.backend = (grid_h, grid_w), k, backend
 
 

@@ -175,21 +175,21 @@ def patch_tokens_backward(grad: Tensor, x: Tensor, weight: Tensor, needs: Sequen
     return gx, gw, gb
 
 
-def mcl_level_backward(g_large: Optional[Tensor], g_recon: Optional[Tensor], tokens: Tensor,
-                       grid: Tuple[int, int], k: int, comp_w: Tensor, comp_b: Optional[Tensor],
-                       decomp_w: Optional[Tensor], needs: Sequence[bool]) -> Tuple[Optional[Tensor], ...]:
-    """Gradients of :func:`mcl_level` for ``(tokens, comp_w, comp_b, decomp_w, decomp_b)``."""
+def mcl_level_backward(g_large: Optional[Tensor], g_recon: Optional[Tensor], tokens: Tensor, large: Tensor,
+                       grid: Tuple[int, int], k: int, comp_w: Tensor, decomp_w: Optional[Tensor],
+                       needs: Sequence[bool]) -> Tuple[Optional[Tensor], ...]:
+    """Gradients of :func:`mcl_level` for ``(tokens, comp_w, comp_b, decomp_w, decomp_b)``, given its
+    input ``tokens`` and its output ``large`` (saved by the forward, not recomputed)."""
     grouped = group(tokens, grid, k)
-    g_l = g_large if g_large is not None else tokens.new_zeros(grouped.shape[:2] + (comp_w.shape[0],))
+    D = comp_w.shape[0]
+    g_l = g_large if g_large is not None else tokens.new_zeros(large.shape)
     g_dw = g_db = None
     if decomp_w is not None and g_recon is not None:
         g_rg = group(g_recon, grid, k).reshape(-1, decomp_w.shape[0])  # gradient of L @ W_d^T + b_d
-        if needs[3]:
-            large = F.linear(grouped, comp_w, comp_b).reshape(-1, comp_w.shape[0])
-            g_dw = g_rg.t() @ large
+        g_dw = g_rg.t() @ large.reshape(-1, D) if needs[3] else None
         g_db = g_rg.sum(0) if needs[4] else None
         g_l = g_l + (g_rg @ decomp_w).reshape(g_l.shape)
-    g_l2 = g_l.reshape(-1, comp_w.shape[0])
+    g_l2 = g_l.reshape(-1, D)
     g_cw = g_l2.t() @ grouped.flatten(0, 1) if needs[1] else None
     g_cb = g_l2.sum(0) if needs[2] else None
     g_tokens = ungroup(g_l @ comp_w, grid, k) if needs[0] else None
@@ -198,14 +198,14 @@ def mcl_level_backward(g_large: Optional[Tensor], g_recon: Optional[Tensor], tok
 
 def mcl_embed_backward(g_small: Optional[Tensor], g_large: Optional[Tensor], g_recon: Optional[Tensor], x: Tensor,
                        proj_w: Tensor, proj_b: Optional[Tensor], comp_w: Tensor, comp_b: Optional[Tensor],
-                       decomp_w: Optional[Tensor], decomp_b: Optional[Tensor], k: int, needs: Sequence[bool]
-                       ) -> Tuple[Optional[Tensor], ...]:
-    """Gradients of :func:`mcl_embed` for ``(x, proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b)``."""
+                       decomp_w: Optional[Tensor], decomp_b: Optional[Tensor], small: Tensor, large: Tensor,
+                       k: int, needs: Sequence[bool]) -> Tuple[Optional[Tensor], ...]:
+    """Gradients of :func:`mcl_embed` for ``(x, proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b)``,
+    given the forward's outputs ``small`` and ``large``."""
     p = proj_w.shape[-1]
     grid = (x.shape[-2] // p, x.shape[-1] // p)
-    small = patch_tokens(x, proj_w, proj_b)
     level_needs = (any(needs[:3]), needs[3], needs[4], needs[5], needs[6])
-    g_tokens, g_cw, g_cb, g_dw, g_db = mcl_level_backward(g_large, g_recon, small, grid, k, comp_w, comp_b,
+    g_tokens, g_cw, g_cb, g_dw, g_db = mcl_level_backward(g_large, g_recon, small, large, grid, k, comp_w,
                                                           decomp_w, level_needs)
     gx = gw = gb = None
     if any(needs[:3]):

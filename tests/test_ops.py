@@ -138,7 +138,7 @@ def test_opcheck_backward_ops():
     s, l, r = reference.mcl_embed(x, pw, pb, cw, cb, dw, db, k)
     torch.library.opcheck(torch.ops.mcl_kernels.mcl_embed_backward.default,
                           (torch.randn_like(s), torch.randn_like(l), torch.randn_like(r), x, pw, pb, cw, cb, dw, db,
-                           k, [True, True, True, True, True, True, True], "auto"))
+                           s, l, k, [True, True, True, True, True, True, True], "auto"))
 
 
 def test_compile_fullgraph_forward_backward_same_numbers():
@@ -231,3 +231,22 @@ def test_unavailable_cpu_backend_when_extension_missing(monkeypatch):
 def test_triton_backend_has_no_kernels_yet():
     with pytest.raises((NotImplementedError, RuntimeError), match="backend 'triton'"):
         mk.embed_tokens(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 8, 8), backend="triton")
+
+
+def test_import_without_extension_warns_once_and_runs_reference():
+    import subprocess
+    import sys
+    code = (
+        "import sys, warnings\n"
+        "sys.modules['mcl_kernels._C'] = None  # as if the extension had not been built\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import mcl_kernels, mcl_kernels.ops\n"
+        "msgs = [str(w.message) for w in caught if 'mcl_kernels._C' in str(w.message)]\n"
+        "assert len(msgs) == 1 and 'pip install' in msgs[0], msgs\n"
+        "import torch\n"
+        "out = mcl_kernels.FusedMCLEmbed(img_size=32, patch_size=8, embed_dim=8)(torch.randn(1, 3, 32, 32))\n"
+        "assert out.large.shape == (1, 4, 8)\n"
+        "print('ok')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
