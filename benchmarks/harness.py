@@ -1,0 +1,126 @@
+"""Measurement plumbing shared by the benchmark scripts: timing, the machine's GEMM peak, tables, JSON.
+
+Protocol (DESIGN §5): warm-up, then the median of repeated rounds; ratios against a baseline taken in
+the same run; achieved GFLOP/s against a large ``torch.mm`` measured in the same process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int,
+                   min_round_s: float = 0.0) -> float:
+    """Median seconds per call over ``repeats`` rounds after ``warmup`` calls.
+
+    A round repeats the call until it lasts ``min_round_s`` so that very short calls are not timer noise.
+    """
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    once = max(time.perf_counter() - start, 1e-9)
+    inner = max(1, int(min_round_s / once))
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        sync(device)
+        times.append((time.perf_counter() - start) / inner)
+    return statistics.median(times)
+
+
+def measure_mm_peak(device: torch.device, dtype: torch.dtype, warmup: int = 2, repeats: int = 5) -> float:
+    """GFLOP/s of a large square ``torch.mm``: the practical roofline for GEMM-bound work here."""
+    n = 4096 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sec = median_seconds(lambda: torch.mm(a, b), device, warmup, repeats, min_round_s=0.05)
+    return 2 * n ** 3 / sec / 1e9
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]:
+    """Peak bytes allocated by one call (CUDA allocator statistics; None on other devices)."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    sync(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+@dataclass
+class Row:
+    section: str
+    case: str
+    impl: str
+    dtype: str
+    shape: Dict[str, int]
+    median_ms: float
+    gflops: float
+    peak_fraction: float
+    ratio: Optional[float] = None
+    """Baseline time ÷ this time (> 1 means faster than the section's baseline)."""
+    baseline: Optional[str] = None
+    extra: Dict[str, object] = field(default_factory=dict)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical CPUs, {torch.get_num_threads()} threads)"
+
+
+def environment(device: torch.device) -> Dict[str, object]:
+    info: Dict[str, object] = {"device": device_name(device), "device_type": device.type,
+                               "torch": torch.__version__, "python": sys.version.split()[0],
+                               "platform": platform.platform(), "threads": torch.get_num_threads()}
+    for mod in ("timm", "torchvision", "triton"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - absent or broken optional peer: record it, do not fail
+            info[mod] = None
+    return info
+
+
+def print_table(rows: List[Row]) -> None:
+    header = f"{'section':<16} {'case':<30} {'impl':<26} {'dtype':<9} {'ms':>9} {'GFLOP/s':>9} {'%peak':>6} {'ratio':>7}"
+    print(header)
+    print("-" * len(header))
+    last = None
+    for r in rows:
+        if last is not None and (r.section, r.case) != last:
+            print()
+        last = (r.section, r.case)
+        ratio = "" if r.ratio is None else f"{r.ratio:6.2f}x"
+        print(f"{r.section:<16} {r.case:<30} {r.impl:<26} {r.dtype:<9} {r.median_ms:9.3f} {r.gflops:9.1f} "
+              f"{100 * r.peak_fraction:5.1f}% {ratio:>7}")
+
+
+def write_json(path: str, env: Dict[str, object], peaks: Dict[str, float], rows: List[Row],
+               args: Dict[str, object]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    doc = {"environment": env, "mm_peak_gflops": peaks, "args": args, "rows": [asdict(r) for r in rows]}
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=2)
+    os.replace(tmp, path)

@@ -1,0 +1,225 @@
+"""The numbers that prove mcl_kernels: one script, one run, every comparison side by side.
+
+Sections (``--sections``, default all):
+- ``embed``:  the MCL training embedding (patchify + embed + compress + decompress), forward and
+  forward+backward, at DeiT-Ti/S/B widths: the eager reference (baseline), ``torch.compile`` of it, and
+  ``FusedMCLEmbed`` through the ops (``--backend``, default auto).
+- ``merged``: the deployed, merged large-patch embedding with class token and position embedding
+  (patch 32): timm's ``PatchEmbed`` (conv2d) + concat + add (baseline, what users run today),
+  ``torch.compile`` of it, and ``mcl_kernels.embed_tokens`` on every backend available on the device.
+
+Each row gives the median time, achieved GFLOP/s, the fraction of this machine's ``torch.mm`` peak
+measured in the same run, and the ratio baseline-time ÷ time (> 1: faster than the baseline).
+Runs with no data and no GPU; results go to a table and to JSON (``--json``).
+
+    python benchmarks/throughput.py                    # defaults: CPU, or the GPU when present
+    python benchmarks/throughput.py --quick            # tiny shapes, seconds (a smoke run)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+from harness import Row  # noqa: E402
+
+import mcl_kernels as mk  # noqa: E402
+from mcl_kernels import reference  # noqa: E402
+
+WIDTHS = {192: "DeiT-Ti", 384: "DeiT-S", 768: "DeiT-B"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--device", default="auto", help="cpu, cuda or auto (the GPU when one is visible)")
+    ap.add_argument("--sections", default="embed,merged", help="comma-separated: embed, merged")
+    ap.add_argument("--widths", default="192,384,768", help="embedding widths D (DeiT-Ti/S/B: 192,384,768)")
+    ap.add_argument("--batch", type=int, default=None, help="batch size (default 16 on CPU, 256 on GPU)")
+    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--patch", type=int, default=16, help="small patch p (large patch is p*compress)")
+    ap.add_argument("--compress", type=int, default=2)
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    ap.add_argument("--backend", default="auto", help="mcl_kernels backend for the FusedMCLEmbed rows")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (compiling is slow)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--quick", action="store_true", help="tiny shapes and few repeats: checks the script runs")
+    ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                   "latest-throughput.json"), help="where to write the JSON")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.widths, args.img_size, args.batch, args.warmup, args.repeats = "32", 64, 2, 1, 2
+    return args
+
+
+class Bench:
+    """Collects rows of one section/case; the first implementation timed is the baseline."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device, peak: float, rows: List[Row]):
+        self.args, self.device, self.peak, self.rows = args, device, peak, rows
+
+    def case(self, section: str, case: str, flops: float, shape: Dict[str, int],
+             impls: Sequence[tuple]) -> None:
+        base_ms = None
+        base_name = None
+        for name, fn in impls:
+            try:
+                sec = harness.median_seconds(fn, self.device, self.args.warmup, self.args.repeats)
+            except Exception as exc:  # noqa: BLE001 - one failing peer must not hide the other numbers
+                print(f"  [{section}/{case}] {name}: skipped ({type(exc).__name__}: {str(exc).splitlines()[0]})",
+                      file=sys.stderr)
+                continue
+            ms = sec * 1e3
+            if base_ms is None:
+                base_ms, base_name = ms, name
+            gflops = flops / sec / 1e9
+            row = Row(section, case, name, self.args.dtype, shape, ms, gflops, gflops / self.peak,
+                      base_ms / ms, base_name, {"peak_memory_bytes": harness.peak_memory(fn, self.device)})
+            self.rows.append(row)
+            print(f"  {section:<7} {case:<30} {name:<26} {ms:9.3f} ms {gflops:8.1f} GFLOP/s "
+                  f"{100 * row.peak_fraction:5.1f}% of peak {row.ratio:6.2f}x", flush=True)
+
+
+def _compiled(fn: Callable, args: argparse.Namespace) -> Optional[Callable]:
+    return None if args.no_compile else torch.compile(fn, fullgraph=True, dynamic=False)
+
+
+def embed_section(bench: Bench, args: argparse.Namespace) -> None:
+    dev, dtype = bench.device, DTYPES[args.dtype]
+    p, k, B = args.patch, args.compress, args.batch
+    H = W = args.img_size
+    for D in [int(w) for w in args.widths.split(",")]:
+        torch.manual_seed(0)
+        m = mk.FusedMCLEmbed(img_size=H, patch_size=p, compress=k, embed_dim=D, backend=args.backend,
+                             device=dev, dtype=dtype)
+        x = torch.randn(B, 3, H, W, device=dev, dtype=dtype)
+        params = (m.proj.weight, m.proj.bias, m.compress.weight, m.compress.bias, m.decompress.weight,
+                  m.decompress.bias)
+        ns, nl = (H // p) * (W // p), (H // (p * k)) * (W // (p * k))
+        gemm = {"embed": ns * D * 3 * p * p, "compress": nl * D * k * k * D, "decompress": nl * k * k * D * D}
+        fwd_flops = 2.0 * B * sum(gemm.values())
+        # backward: every weight gradient (= forward FLOPs) + token gradients through decompress and compress
+        # (the pixels need none)
+        bwd_flops = fwd_flops + 2.0 * B * (gemm["compress"] + gemm["decompress"])
+        shape = {"B": B, "H": H, "W": W, "D": D, "p": p, "k": k}
+        name = f"{WIDTHS.get(D, '')} D={D} B={B} {H}x{W}".strip()
+
+        def ref_fwd():
+            return reference.mcl_embed(x, *params, k)
+
+        def mod_fwd():
+            return m(x)
+
+        compiled_fwd = _compiled(ref_fwd, args)
+        with torch.no_grad():
+            impls = [("reference (eager)", ref_fwd), ("reference (compile)", compiled_fwd),
+                     (f"FusedMCLEmbed ({args.backend})", mod_fwd)]
+            bench.case("embed-fwd", name, fwd_flops, shape, [(n, f) for n, f in impls if f is not None])
+
+        grads = [torch.randn(B, ns, D, device=dev, dtype=dtype), torch.randn(B, nl, D, device=dev, dtype=dtype),
+                 torch.randn(B, ns, D, device=dev, dtype=dtype)]
+
+        def train(fwd):
+            def step():
+                outs = fwd()
+                torch.autograd.backward(list(outs), grads)
+                for q in m.parameters():
+                    q.grad = None
+            return step
+
+        impls = [("reference (eager)", train(ref_fwd))]
+        if compiled_fwd is not None:
+            compiled_train = _compiled(ref_fwd, args)
+            impls.append(("reference (compile)", train(compiled_train)))
+        impls.append((f"FusedMCLEmbed ({args.backend})", train(mod_fwd)))
+        bench.case("embed-fwd+bwd", name, fwd_flops + bwd_flops, shape, impls)
+
+
+def merged_section(bench: Bench, args: argparse.Namespace) -> None:
+    dev, dtype = bench.device, DTYPES[args.dtype]
+    P, B = args.patch * args.compress, args.batch
+    H = W = args.img_size
+    try:
+        from timm.layers import PatchEmbed
+    except ImportError:
+        PatchEmbed = None
+        print("  [merged] timm is not installed: its PatchEmbed rows are skipped (pip install timm)", file=sys.stderr)
+    for D in [int(w) for w in args.widths.split(",")]:
+        torch.manual_seed(0)
+        merged = mk.FusedMCLEmbed(img_size=H, patch_size=args.patch, compress=args.compress, embed_dim=D,
+                                  device=dev, dtype=dtype).fuse()
+        n = (H // P) * (W // P)
+        x = torch.randn(B, 3, H, W, device=dev, dtype=dtype)
+        cls = torch.randn(1, 1, D, device=dev, dtype=dtype)
+        pos = torch.randn(1, n + 1, D, device=dev, dtype=dtype)
+        flops = 2.0 * B * n * D * 3 * P * P
+        shape = {"B": B, "H": H, "W": W, "D": D, "P": P}
+        name = f"{WIDTHS.get(D, '')} D={D} B={B} {H}x{W}/{P}".strip()
+        impls = []
+        if PatchEmbed is not None:
+            pe = PatchEmbed(img_size=H, patch_size=P, embed_dim=D, device=dev, dtype=dtype)
+            pe.load_state_dict(merged.state_dict())
+
+            def timm_embed():
+                t = pe(x)
+                return torch.cat([cls.expand(t.shape[0], -1, -1), t], dim=1) + pos
+
+            impls.append(("timm PatchEmbed+cat+add", timm_embed))
+            compiled = _compiled(timm_embed, args)
+            if compiled is not None:
+                impls.append(("timm (compile)", compiled))
+        impls.append(("reference (eager)", lambda: reference.embed_tokens(x, merged.proj.weight, merged.proj.bias,
+                                                                          cls, pos)))
+        for backend in ["auto"] + [b for b in mk.backends.available(dev) if b != "reference"]:
+            if backend != "auto" and "embed_tokens" not in mk.backends.BACKENDS[backend].ops:
+                continue
+            impls.append((f"mcl embed_tokens ({backend})",
+                          lambda b=backend: mk.embed_tokens(x, merged.proj.weight, merged.proj.bias, cls, pos,
+                                                            backend=b)))
+        with torch.no_grad():
+            bench.case("merged", name, flops, shape, impls)
+
+
+SECTIONS = {"embed": embed_section, "merged": merged_section}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
+    args = parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if args.batch is None:
+        args.batch = 256 if device.type == "cuda" else 16
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        raise SystemExit(f"unknown section(s) {unknown}; choose from {sorted(SECTIONS)}")
+    env = harness.environment(device)
+    print(f"mcl_kernels {mk.__version__} throughput on {env['device']} | torch {env['torch']} | "
+          f"dtype {args.dtype} | batch {args.batch} | {args.img_size}x{args.img_size}", flush=True)
+    dtype = DTYPES[args.dtype]
+    peak = harness.measure_mm_peak(device, dtype)
+    print(f"measured torch.mm peak ({args.dtype}): {peak:.1f} GFLOP/s", flush=True)
+    rows: List[Row] = []
+    bench = Bench(args, device, peak, rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for s in sections:
+            print(f"[{s}]", flush=True)
+            SECTIONS[s](bench, args)
+    print()
+    harness.print_table(rows)
+    harness.write_json(args.json, env, {args.dtype: peak}, rows, vars(args))
+    print(f"\nwrote {args.json}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
