@@ -11,6 +11,8 @@ import warnings
 from types import ModuleType
 from typing import Optional
 
+import torch  # noqa: F401  (loads libc10/libtorch, which mcl_kernels._C links against, before _C)
+
 BUILD_HINT = ("build it from the source tree with `pip install --no-build-isolation -e .` "
               "(CUDA part: set CUDA_HOME and MCL_KERNELS_BUILD_CUDA=1)")
 
