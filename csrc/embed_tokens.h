@@ -1,0 +1,59 @@
+// Inference patch embedding: x [B, C, H, W] -> tokens [B, T, D] with an optional class token in row 0
+// and an optional position embedding added, written straight into the output (no concat).
+//
+//   out[:, 0]      = cls + pos[0]                                   (when cls_token is given)
+//   out[:, t0 + n] = patch_n(x) . weight.reshape(D, C*P*P)^T + bias + pos[t0 + n]
+//
+// patch_n is the n-th P x P patch in row-major order over the (H/P, W/P) grid, flattened in (c, a, b)
+// order: exactly conv2d(x, weight, bias, stride=P).flatten(2).transpose(1, 2) (DESIGN.md section 2).
+#pragma once
+
+#include <optional>
+
+#include <ATen/core/Tensor.h>
+
+namespace mcl {
+
+// Sizes of one validated embed_tokens call.
+struct EmbedShape {
+  int64_t B, C, H, W;  // image batch
+  int64_t D, P;        // width, patch size
+  int64_t Hp, Wp, N;   // patch grid (H/P, W/P) and its size N = Hp * Wp
+  int64_t t0, T;       // first patch row in the output (1 with a class token, else 0), T = t0 + N
+};
+
+// Validates every argument (shapes, dtypes, devices) and returns the sizes; throws c10::Error with a
+// message naming the offending sizes otherwise. The device implementations below assume it passed.
+EmbedShape check_embed_tokens(const at::Tensor& x, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& cls_token,
+                              const std::optional<at::Tensor>& pos_embed, int64_t patch);
+
+// Validates, then runs the implementation for x.device(). Output [B, T, D], contiguous, x.dtype().
+at::Tensor embed_tokens(const at::Tensor& x, const at::Tensor& weight,
+                        const std::optional<at::Tensor>& bias,
+                        const std::optional<at::Tensor>& cls_token,
+                        const std::optional<at::Tensor>& pos_embed, int64_t patch);
+
+at::Tensor embed_tokens_cpu(const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& cls_token,
+                            const std::optional<at::Tensor>& pos_embed, const EmbedShape& s);
+
+#ifdef MCL_WITH_CUDA
+at::Tensor embed_tokens_cuda(const at::Tensor& x, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& cls_token,
+                             const std::optional<at::Tensor>& pos_embed, const EmbedShape& s);
+#endif
+
+// Whether this build contains the CUDA implementation (compiled with MCL_WITH_CUDA).
+constexpr bool built_with_cuda() {
+#ifdef MCL_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace mcl

@@ -1,0 +1,180 @@
+"""The compiled extension `mcl_kernels._C` on its own: `embed_tokens` against conv2d + cat + add.
+
+These tests call the C++/CUDA entry points directly, below the op layer (`mcl_kernels.ops`), so they
+pin down the native contract: layouts, dtypes, optional parts, and the errors raised from C++.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import assert_close
+
+try:
+    from mcl_kernels import _C
+except ModuleNotFoundError as exc:  # not built; any other import failure (ABI, symbols) is a real error
+    if exc.name != "mcl_kernels._C":
+        raise
+    pytest.skip("mcl_kernels._C is not built; build it with `pip install --no-build-isolation -e .`",
+                allow_module_level=True)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device available")
+needs_cuda_build = pytest.mark.skipif(not _C.built_with_cuda, reason="mcl_kernels._C was built without CUDA")
+
+# (B, C, H, W, D, P): batch 0/1/3, non-square images, D not a multiple of 16, patch 14.
+SHAPES = [(0, 3, 64, 96, 40, 32), (1, 3, 64, 96, 40, 32), (3, 3, 64, 96, 40, 32), (2, 2, 12, 20, 7, 4),
+          (2, 3, 28, 42, 24, 14)]
+# Which optional parts are given; "pos3" is the position embedding as [1, T, D] instead of [T, D].
+PARTS = ["", "bias", "cls", "pos", "pos3", "bias+cls+pos", "bias+cls+pos3", "cls+pos", "bias+pos3"]
+LAYOUTS = ["contiguous", "channels_last", "sliced"]
+
+
+def reference(x, w, b, cls, pos):
+    """The definition: conv2d, tokens row-major, class token prepended, position embedding added."""
+    tok = F.conv2d(x, w, b, stride=w.shape[-1]).flatten(2).transpose(1, 2)
+    if cls is not None:
+        tok = torch.cat([cls.reshape(1, 1, -1).expand(x.shape[0], 1, -1), tok], 1)
+    if pos is not None:
+        tok = tok + pos.reshape(1, -1, w.shape[0])
+    return tok
+
+
+def make_inputs(shape, parts, layout="contiguous", dtype=torch.float32, device="cpu"):
+    """Inputs in float64 rounded through `dtype`, weights scaled so outputs are O(1)."""
+    B, C, H, W, D, P = shape
+    names = set(parts.split("+")) - {""}
+    T = (H // P) * (W // P) + ("cls" in names)
+
+    def r(*size, scale=1.0):
+        return (torch.randn(*size, dtype=torch.float64) * scale).to(dtype).to(device)
+
+    if layout == "sliced":  # every other column of a twice-as-wide image: non-contiguous, strided
+        x = r(B, C, H, 2 * W)[..., ::2]
+    else:
+        x = r(B, C, H, W)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+    w = r(D, C, P, P, scale=(C * P * P) ** -0.5)
+    b = r(D) if "bias" in names else None
+    cls = r(1, 1, D) if "cls" in names else None
+    pos = r(1, T, D) if "pos3" in names else r(T, D) if "pos" in names else None
+    return x, w, b, cls, pos
+
+
+def embed(x, w, b, cls, pos):
+    return _C.embed_tokens(x, w, b, cls, pos, w.shape[-1])
+
+
+def to64(*tensors):
+    return [None if t is None else t.double() for t in tensors]
+
+
+def test_reports_whether_built_with_cuda():
+    assert isinstance(_C.built_with_cuda, bool)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("parts", PARTS, ids=lambda p: p or "none")
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}C{}_{}x{}_D{}P{}".format(*s))
+def test_float32_matches_conv_reference(shape, parts, layout):
+    inputs = make_inputs(shape, parts, layout)
+    out = embed(*inputs)
+    expected = reference(*to64(*inputs)).float()
+    assert out.is_contiguous()
+    assert_close(f"embed_tokens {parts or 'none'} {layout}", out, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_float64_is_exact_to_rounding(layout):
+    inputs = make_inputs((3, 3, 64, 96, 40, 32), "bias+cls+pos", layout, dtype=torch.float64)
+    assert_close("embed_tokens float64", embed(*inputs), reference(*inputs), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES[1:], ids=lambda s: "B{}C{}_{}x{}_D{}P{}".format(*s))
+def test_low_precision_within_twice_torch_error(shape, dtype, layout):
+    """Judged against PyTorch's own error: conv2d + cat + add in the same dtype vs float64."""
+    inputs = make_inputs(shape, "bias+cls+pos", layout, dtype=dtype)
+    out = embed(*inputs)
+    exact = reference(*to64(*inputs))
+    torch_err = (reference(*inputs).double() - exact).abs().max().item()
+    our_err = (out.double() - exact).abs().max().item()
+    assert out.dtype == dtype
+    assert our_err <= 2 * torch_err + 1e-3, f"{dtype}: error {our_err:.3g} vs torch's own {torch_err:.3g}"
+
+
+def test_cls_token_as_flat_vector_and_empty_batch_shape():
+    x, w, b, cls, pos = make_inputs((0, 3, 64, 96, 40, 32), "bias+cls+pos")
+    out = embed(x, w, b, cls.reshape(-1), pos)
+    assert out.shape == (0, 7, 40) and out.dtype == torch.float32
+    x, w, b, cls, pos = make_inputs((2, 3, 64, 96, 40, 32), "bias+cls+pos")
+    assert_close("cls [D]", embed(x, w, b, cls.reshape(-1), pos), embed(x, w, b, cls, pos), atol=0)
+
+
+def test_output_is_fresh_memory():
+    x, w, b, cls, pos = make_inputs((1, 3, 32, 32, 8, 32), "")  # one patch: [1, 1, 8]
+    out = embed(x, w, b, cls, pos)
+    assert all(out.untyped_storage().data_ptr() != t.untyped_storage().data_ptr() for t in (x, w))
+
+
+def _bad_inputs():
+    x, w, b, cls, pos = make_inputs((2, 3, 64, 96, 40, 32), "bias+cls+pos")
+    yield "H not a multiple of P", (torch.randn(2, 3, 50, 96), w, b, None, None, 32), ValueError, r"50x96.*32"
+    yield "rank-3 image", (x[0], w, b, None, None, 32), ValueError, r"\[3, 64, 96\]"
+    yield "channel mismatch", (torch.randn(2, 4, 64, 96), w, b, None, None, 32), ValueError, r"\[2, 4, 64, 96\]"
+    yield "patch vs weight", (x, w, b, None, None, 16), ValueError, r"\[40, 3, 32, 32\]"
+    yield "zero patch", (x, w, b, None, None, 0), ValueError, "positive patch size, got 0"
+    yield "bias size", (x, w, torch.randn(41), None, None, 32), ValueError, r"\[40\].*\[41\]"
+    yield "cls size", (x, w, b, torch.randn(1, 1, 39), None, 32), ValueError, r"\[1, 1, 39\]"
+    yield "pos without cls row", (x, w, b, None, pos, 32), ValueError, r"\[6, 40\].*got \[7, 40\]"
+    yield "pos size", (x, w, b, cls, pos[:5], 32), ValueError, r"\[7, 40\].*got \[5, 40\]"
+    yield "weight dtype", (x, w.double(), b, None, None, 32), TypeError, "weight has dtype Double"
+    yield "pos dtype", (x, w, b, cls, pos.half(), 32), TypeError, "pos_embed has dtype Half"
+    yield "integer image", (x.int(), w, b, None, None, 32), TypeError, "Int"
+    yield "meta tensors", (x.to("meta"), w.to("meta"), None, None, None, 32), NotImplementedError, "meta"
+
+
+@pytest.mark.parametrize("name,args,exc,match", list(_bad_inputs()), ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_input_raises_with_offending_sizes(name, args, exc, match):
+    with pytest.raises(exc, match=match):
+        _C.embed_tokens(*args)
+
+
+# ---- CUDA: run where there is a device, skip cleanly where there is none ----
+
+@needs_cuda
+@needs_cuda_build
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("parts", ["", "bias+cls+pos", "cls+pos3", "bias"], ids=lambda p: p or "none")
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}C{}_{}x{}_D{}P{}".format(*s))
+def test_cuda_float32_matches_conv_reference(shape, parts, layout):
+    inputs = make_inputs(shape, parts, layout, device="cuda")
+    out = embed(*inputs)
+    expected = reference(*to64(*(t if t is None else t.cpu() for t in inputs))).float()
+    assert out.is_cuda and out.is_contiguous()
+    # TF32 may be on for the GEMM: judge at TF32 precision.
+    tol = 5e-3 if torch.backends.cuda.matmul.allow_tf32 else 1e-4
+    assert_close(f"cuda embed_tokens {parts or 'none'} {layout}", out.cpu(), expected, atol=tol, rtol=tol)
+
+
+@needs_cuda
+@needs_cuda_build
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_low_precision_within_twice_torch_error(dtype):
+    inputs = make_inputs((3, 3, 64, 96, 40, 32), "bias+cls+pos", "channels_last", dtype=dtype, device="cuda")
+    exact = reference(*to64(*inputs))
+    torch_err = (reference(*inputs).double() - exact).abs().max().item()
+    our_err = (embed(*inputs).double() - exact).abs().max().item()
+    assert our_err <= 2 * torch_err + 1e-3, f"{dtype}: error {our_err:.3g} vs torch's own {torch_err:.3g}"
+
+
+@needs_cuda
+def test_cuda_device_mismatch_or_missing_build_is_explained():
+    x, w, b, cls, pos = make_inputs((1, 3, 32, 32, 8, 32), "bias")
+    if _C.built_with_cuda:
+        with pytest.raises(ValueError, match="weight is on cpu but the input x is on cuda"):
+            embed(x.cuda(), w, b, None, None)
+    else:
+        with pytest.raises(RuntimeError, match="MCL_KERNELS_BUILD_CUDA=1"):
+            embed(x.cuda(), w.cuda(), b.cuda(), None, None)
