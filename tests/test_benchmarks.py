@@ -1,0 +1,33 @@
+"""The main job runs end to end: `benchmarks/throughput.py --quick` prints its table and writes JSON with
+every section's rows. Nothing here looks at the times themselves."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_throughput_quick_run_writes_table_and_json(tmp_path):
+    out = tmp_path / "throughput.json"
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"), "--quick",
+                          "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "measured torch.mm peak" in res.stdout and "ratio" in res.stdout
+    doc = json.loads(out.read_text())
+    assert doc["environment"]["torch"] and doc["mm_peak_gflops"]["float32"] > 0
+    impls = {(r["section"], r["impl"]) for r in doc["rows"]}
+    for section in ("embed-fwd", "embed-fwd+bwd"):
+        assert {(section, "reference (eager)"), (section, "reference (compile)"),
+                (section, "FusedMCLEmbed (auto)")} <= impls
+    assert {("merged", "timm PatchEmbed+cat+add"), ("merged", "mcl embed_tokens (auto)")} <= impls
+    for r in doc["rows"]:
+        assert r["median_ms"] > 0 and r["gflops"] > 0 and r["ratio"] > 0
+        assert r["baseline"] in ("reference (eager)", "timm PatchEmbed+cat+add")
+
+
+def test_unknown_section_is_a_clear_error():
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"), "--quick",
+                          "--sections", "bogus", "--json", os.devnull], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
+    assert res.returncode != 0 and "unknown section(s) ['bogus']" in res.stderr
