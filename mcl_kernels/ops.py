@@ -9,7 +9,6 @@ it opaque too and a backend can provide a fused backward kernel.
 Custom ops cannot return None, so an absent result (no decompression, a gradient not asked for)
 travels as an empty tensor and becomes None again here.
 """
-from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
 

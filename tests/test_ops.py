@@ -185,6 +185,23 @@ def test_export_training_and_merged_embed():
     assert_close("exported merged embed", ep2.module()(x), merged(x), atol=1e-6)
 
 
+def test_export_and_compile_chain():
+    torch._dynamo.reset()
+    m = mk.FusedMCLEmbed(img_size=(16, 32), in_chans=3, embed_dim=8, scales=(2, 4, 8))
+    x = torch.randn(2, 3, 16, 32)
+    eager = _flat(m(x))
+    ep = torch.export.export(m, (x,))
+    assert torch.ops.mcl_kernels.mcl_compress.default in {n.target for n in ep.graph.nodes}
+    for i, (a, b) in enumerate(zip(_flat(ep.module()(x)), eager)):
+        assert_close(f"exported chain output {i}", a, b, atol=1e-6)
+    compiled = torch.compile(m, fullgraph=True)
+    out = compiled(x)
+    for i, (a, b) in enumerate(zip(_flat(out), eager)):
+        assert_close(f"compiled chain output {i}", a, b, atol=1e-5)
+    sum(t.sum() for t in _flat(out)).backward()
+    assert all(p.grad is not None for p in m.parameters())
+
+
 # ---- backend registry ------------------------------------------------------------------------------
 
 def test_unknown_backend_is_rejected_early():
@@ -250,3 +267,14 @@ def test_import_without_extension_warns_once_and_runs_reference():
         "print('ok')\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+def test_auto_choice_follows_the_measured_order():
+    """On CPU, auto keeps the reference for embed_tokens (the C++ kernel measured no faster); asking for
+    'cpu' by name gets the C++ kernel when the extension is built."""
+    from mcl_kernels import _extension, backends
+    cpu = torch.device("cpu")
+    assert backends.resolve("embed_tokens", "auto", cpu) is backends.REFERENCE_OPS["embed_tokens"]
+    assert backends.resolve("mcl_embed", "auto", cpu) is backends.REFERENCE_OPS["mcl_embed"]
+    if _extension._C is not None:
+        assert backends.resolve("embed_tokens", "cpu", cpu) is backends.BACKENDS["cpu"].ops["embed_tokens"]
