@@ -6,9 +6,9 @@ pin down the native contract: layouts, dtypes, optional parts, and the errors ra
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from helpers import assert_close
+from mcl_kernels.reference import embed_tokens as reference
 
 try:
     from mcl_kernels import _C
@@ -27,16 +27,6 @@ SHAPES = [(0, 3, 64, 96, 40, 32), (1, 3, 64, 96, 40, 32), (3, 3, 64, 96, 40, 32)
 # Which optional parts are given; "pos3" is the position embedding as [1, T, D] instead of [T, D].
 PARTS = ["", "bias", "cls", "pos", "pos3", "bias+cls+pos", "bias+cls+pos3", "cls+pos", "bias+pos3"]
 LAYOUTS = ["contiguous", "channels_last", "sliced"]
-
-
-def reference(x, w, b, cls, pos):
-    """The definition: conv2d, tokens row-major, class token prepended, position embedding added."""
-    tok = F.conv2d(x, w, b, stride=w.shape[-1]).flatten(2).transpose(1, 2)
-    if cls is not None:
-        tok = torch.cat([cls.reshape(1, 1, -1).expand(x.shape[0], 1, -1), tok], 1)
-    if pos is not None:
-        tok = tok + pos.reshape(1, -1, w.shape[0])
-    return tok
 
 
 def make_inputs(shape, parts, layout="contiguous", dtype=torch.float32, device="cpu"):
