@@ -95,6 +95,15 @@ def _native_ops() -> Dict[str, Callable]:
     return {"embed_tokens": lambda x, w, b, cls, pos: C.embed_tokens(x, w, b, cls, pos, int(w.shape[-1]))}
 
 
+def _triton_ops() -> Dict[str, Callable]:
+    # Kernel modules import Triton on first use, not with mcl_kernels: TRITON_INTERPRET=1 (Triton on CPU
+    # tensors) only takes effect when set before that import.
+    def embed_tokens(x, weight, bias, cls_token, pos_embed):
+        from .triton.embed_tokens import embed_tokens as kernel
+        return kernel(x, weight, bias, cls_token, pos_embed)
+    return {"embed_tokens": embed_tokens}
+
+
 BACKENDS: Dict[str, Backend] = {
     "reference": Backend("reference", REFERENCE_OPS, lambda device: None,
                          "it is always available", "every op, every device (pure PyTorch)"),
@@ -103,9 +112,9 @@ BACKENDS: Dict[str, Backend] = {
     "cuda": Backend("cuda", _native_ops(), _native_unavailable("cuda"),
                     _extension.BUILD_HINT + " on a machine with nvcc, and run on a CUDA device",
                     "embed_tokens (CUDA C++)"),
-    "triton": Backend("triton", {}, _triton_unavailable,
+    "triton": Backend("triton", _triton_ops(), _triton_unavailable,
                       "pip install triton; on CPU tensors set TRITON_INTERPRET=1 before importing triton",
-                      "no kernels yet"),
+                      "embed_tokens (Triton)"),
 }
 
 # First available backend that implements the op wins: per device type, with per-op exceptions where a

@@ -245,9 +245,10 @@ def test_unavailable_cpu_backend_when_extension_missing(monkeypatch):
     assert_close("auto falls back", mk.embed_tokens(x, w), reference.embed_tokens(x, w, None, None, None), atol=1e-5)
 
 
-def test_triton_backend_has_no_kernels_yet():
-    with pytest.raises((NotImplementedError, RuntimeError), match="backend 'triton'"):
-        mk.embed_tokens(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 8, 8), backend="triton")
+def test_triton_backend_without_kernel_for_op_says_so():
+    m = mk.FusedMCLEmbed(img_size=16, patch_size=4, embed_dim=8, backend="triton")
+    with pytest.raises(NotImplementedError, match="backend 'triton' has no kernel for mcl_embed"):
+        m(torch.randn(1, 3, 16, 16))
 
 
 def test_import_without_extension_warns_once_and_runs_reference():
