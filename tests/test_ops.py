@@ -246,8 +246,8 @@ def test_unavailable_cpu_backend_when_extension_missing(monkeypatch):
 
 
 def test_triton_backend_without_kernel_for_op_says_so():
-    m = mk.FusedMCLEmbed(img_size=16, patch_size=4, embed_dim=8, backend="triton")
-    with pytest.raises(NotImplementedError, match="backend 'triton' has no kernel for mcl_embed"):
+    m = mk.FusedMCLEmbed(img_size=16, embed_dim=16, scales=(4, 8, 16), backend="triton")
+    with pytest.raises(NotImplementedError, match="backend 'triton' has no kernel for mcl_compress"):
         m(torch.randn(1, 3, 16, 16))
 
 
