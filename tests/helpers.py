@@ -51,3 +51,18 @@ def mcl_params(C: int, D: int, p: int, ks, *, decompress: bool = True, tied: boo
 def resolve_tied(levels, tied: bool):
     """The reference's view of a level list: tied decompression becomes ``W_d = W_c^T``."""
     return [(k, cw, cb, cw.t() if tied else dw, db) for k, cw, cb, dw, db in levels]
+
+
+def rand(*size, scale: float = 1.0, dtype=torch.float32, device="cpu") -> Tensor:
+    """Drawn in float64, then rounded to ``dtype``: every dtype sees the same values up to its rounding."""
+    return (torch.randn(*size, dtype=torch.float64) * scale).to(dtype).to(device)
+
+
+def make_image(B: int, C: int, H: int, W: int, layout: str = "contiguous", dtype=torch.float32,
+               device="cpu") -> Tensor:
+    """An image batch in one of the layouts every kernel must accept: contiguous, channels_last, or
+    "sliced" (every other column of a twice-as-wide image: non-contiguous, strided)."""
+    if layout == "sliced":
+        return rand(B, C, H, 2 * W, dtype=dtype, device=device)[..., ::2]
+    x = rand(B, C, H, W, dtype=dtype, device=device)
+    return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mcl_kernels as mk
-from helpers import assert_close
+from helpers import assert_close, make_image, rand
 from mcl_kernels import backends
 from mcl_kernels.reference import embed_tokens as reference
 
@@ -37,14 +37,9 @@ def make_inputs(shape, parts, layout="contiguous", dtype=torch.float32, device="
     T = (H // P) * (W // P) + bool(names & {"cls", "cls1"})
 
     def r(*size, scale=1.0):
-        return (torch.randn(*size, dtype=torch.float64) * scale).to(dtype).to(device)
+        return rand(*size, scale=scale, dtype=dtype, device=device)
 
-    if layout == "sliced":  # every other column of a twice-as-wide image: non-contiguous, strided
-        x = r(B, C, H, 2 * W)[..., ::2]
-    else:
-        x = r(B, C, H, W)
-        if layout == "channels_last":
-            x = x.contiguous(memory_format=torch.channels_last)
+    x = make_image(B, C, H, W, layout, dtype, device)
     w = r(D, C, P, P, scale=(C * P * P) ** -0.5)
     b = r(D) if "bias" in names else None
     cls = r(1, 1, D) if "cls" in names else r(D) if "cls1" in names else None

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mcl_kernels as mk
-from helpers import assert_close
+from helpers import assert_close, make_image, rand
 from mcl_kernels import backends
 from mcl_kernels.reference import mcl_embed as reference
 
@@ -38,14 +38,9 @@ def make_inputs(shape, variant="untied", layout="contiguous", dtype=torch.float3
     B, C, H, W, p, k, D = shape
 
     def r(*size, scale=1.0):
-        return (torch.randn(*size, dtype=torch.float64) * scale).to(dtype).to(device)
+        return rand(*size, scale=scale, dtype=dtype, device=device)
 
-    if layout == "sliced":  # every other column of a twice-as-wide image: non-contiguous, strided
-        x = r(B, C, H, 2 * W)[..., ::2]
-    else:
-        x = r(B, C, H, W)
-        if layout == "channels_last":
-            x = x.contiguous(memory_format=torch.channels_last)
+    x = make_image(B, C, H, W, layout, dtype, device)
     bias = variant != "nobias"
     pw = r(D, C, p, p, scale=(C * p * p) ** -0.5)
     pb = r(D) if bias else None

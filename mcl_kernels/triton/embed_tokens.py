@@ -20,6 +20,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .utils import input_precision, launch, patch_offsets
+
 
 @triton.jit
 def _embed_tokens_kernel(
@@ -56,12 +58,8 @@ def _embed_tokens_kernel(
         # Column k of the patch matrix is pixel (c, a, b) of the patch, flattened like weight.reshape(D, K).
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         mask_k = offs_k < K
-        c = offs_k // (P * P)
-        r = offs_k % (P * P)
-        a = r // P
-        b = r % P
-        x_col = c * sx_c + a * sx_h + b * sx_w
-        w_col = c * sw_c + a * sw_h + b * sw_w
+        x_col = patch_offsets(offs_k, P, sx_c, sx_h, sx_w)
+        w_col = patch_offsets(offs_k, P, sw_c, sw_h, sw_w)
         xt = tl.load(x_ptr + x_row[:, None] + x_col[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         wt = tl.load(w_ptr + w_col[:, None] + w_row[None, :], mask=mask_k[:, None] & mask_d[None, :], other=0.0)
         if DOT_IN_FP32:
@@ -107,32 +105,6 @@ _embed_tokens_autotuned = triton.autotune(configs=_GPU_CONFIGS, key=["D", "K"])(
 _INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}
 
 
-def _wrap_triton():
-    """``torch.library.wrap_triton`` (or its older name) so torch.compile can trace the launch; else None."""
-    wrap = getattr(torch.library, "wrap_triton", None)
-    if wrap is None:
-        try:
-            from torch._library.triton import capture_triton as wrap
-        except ImportError:
-            return None
-    return wrap
-
-
-_WRAP = _wrap_triton()
-
-
-def _launch(kernel):
-    return _WRAP(kernel) if _WRAP is not None else kernel
-
-
-def _input_precision(dtype: torch.dtype) -> Optional[str]:
-    # fp32 follows PyTorch's matmul setting: exact fp32 unless the user allowed TF32 (off by default).
-    # bf16/fp16 keep Triton's default (tensor cores; the precision setting only concerns fp32 operands).
-    if dtype != torch.float32:
-        return None
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-
-
 def embed_tokens(x: Tensor, weight: Tensor, bias: Optional[Tensor], cls_token: Optional[Tensor],
                  pos_embed: Optional[Tensor]) -> Tensor:
     """``x [B, C, H, W]`` (any strides), ``weight [D, C, P, P]``, ``bias [D]``, ``cls_token`` (D elements),
@@ -165,14 +137,14 @@ def embed_tokens(x: Tensor, weight: Tensor, bias: Optional[Tensor], cls_token: O
     dot_in_fp32 = not on_gpu and x.dtype == torch.bfloat16
     flags = dict(P=P, HAS_BIAS=bias is not None, HAS_CLS=cls is not None, HAS_POS=pos is not None,
                  ACC_DTYPE=tl.float64 if x.dtype == torch.float64 else tl.float32,
-                 INPUT_PRECISION="ieee" if dot_in_fp32 else _input_precision(x.dtype), DOT_IN_FP32=dot_in_fp32)
+                 INPUT_PRECISION="ieee" if dot_in_fp32 else input_precision(x.dtype), DOT_IN_FP32=dot_in_fp32)
 
     if on_gpu:
         def grid(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_N"]),)
-        _launch(_embed_tokens_autotuned)[grid](*args, **flags)
+        launch(_embed_tokens_autotuned)[grid](*args, **flags)
     else:
         blocks = _INTERPRETER_BLOCKS
         grid = (triton.cdiv(M, blocks["BLOCK_M"]) * triton.cdiv(D, blocks["BLOCK_N"]),)
-        _launch(_embed_tokens_kernel)[grid](*args, **flags, **blocks)
+        launch(_embed_tokens_kernel)[grid](*args, **flags, **blocks)
     return out

@@ -34,6 +34,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .utils import input_precision, launch, patch_offsets
+
 
 @triton.jit
 def _round(v, out_ty: tl.constexpr, BF16_RTNE: tl.constexpr):
@@ -89,12 +91,8 @@ def _mcl_embed_kernel(
                 # Column k of the patch matrix is pixel (c, a, b), flattened like proj_w.reshape(D, K).
                 offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
                 mask_k = offs_k < K
-                c = offs_k // (P * P)
-                r = offs_k % (P * P)
-                a = r // P
-                b = r % P
-                x_col = c * sx_c + a * sx_h + b * sx_w
-                w_col = c * spw_c + a * spw_h + b * spw_w
+                x_col = patch_offsets(offs_k, P, sx_c, sx_h, sx_w)
+                w_col = patch_offsets(offs_k, P, spw_c, spw_h, spw_w)
                 xt = tl.load(x_ptr + x_row[:, None] + x_col[None, :], mask=mask_l[:, None] & mask_k[None, :],
                              other=0.0)
                 wt = tl.load(pw_ptr + w_col[:, None] + (offs_d * spw_d)[None, :],
@@ -159,31 +157,6 @@ _mcl_embed_autotuned = triton.autotune(configs=_GPU_CONFIGS, key=["D", "K", "KF"
 _INTERPRETER_BLOCKS = {"BLOCK_L": 16, "BLOCK_K": 32}
 
 
-def _wrap_triton():
-    """``torch.library.wrap_triton`` (or its older name) so torch.compile can trace the launch; else None."""
-    wrap = getattr(torch.library, "wrap_triton", None)
-    if wrap is None:
-        try:
-            from torch._library.triton import capture_triton as wrap
-        except ImportError:
-            return None
-    return wrap
-
-
-_WRAP = _wrap_triton()
-
-
-def _launch(kernel):
-    return _WRAP(kernel) if _WRAP is not None else kernel
-
-
-def _input_precision(dtype: torch.dtype) -> Optional[str]:
-    # fp32 follows PyTorch's matmul setting: exact fp32 unless the user allowed TF32 (off by default).
-    if dtype != torch.float32:
-        return None
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-
-
 def mcl_embed(x: Tensor, proj_w: Tensor, proj_b: Optional[Tensor], comp_w: Tensor, comp_b: Optional[Tensor],
               decomp_w: Optional[Tensor], decomp_b: Optional[Tensor], k: int
               ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
@@ -224,15 +197,15 @@ def mcl_embed(x: Tensor, proj_w: Tensor, proj_b: Optional[Tensor], comp_w: Tenso
     flags = dict(P=p, KF=k, HAS_PB=proj_b is not None, HAS_CB=comp_b is not None, HAS_DEC=decomp_w is not None,
                  HAS_DB=decomp_w is not None and decomp_b is not None,
                  ACC_DTYPE=tl.float64 if x.dtype == torch.float64 else tl.float32,
-                 INPUT_PRECISION="ieee" if dot_in_fp32 else _input_precision(x.dtype), DOT_IN_FP32=dot_in_fp32,
+                 INPUT_PRECISION="ieee" if dot_in_fp32 else input_precision(x.dtype), DOT_IN_FP32=dot_in_fp32,
                  BF16_RTNE=dot_in_fp32,
                  BLOCK_D=max(16, triton.next_power_of_2(D)))  # tl.dot needs every dim >= 16
 
     if on_gpu:
         def grid(meta):
             return (triton.cdiv(ML, meta["BLOCK_L"]),)
-        _launch(_mcl_embed_autotuned)[grid](*args, **flags)
+        launch(_mcl_embed_autotuned)[grid](*args, **flags)
     else:
         blocks = _INTERPRETER_BLOCKS
-        _launch(_mcl_embed_kernel)[(triton.cdiv(ML, blocks["BLOCK_L"]),)](*args, **flags, **blocks)
+        launch(_mcl_embed_kernel)[(triton.cdiv(ML, blocks["BLOCK_L"]),)](*args, **flags, **blocks)
     return small, large, recon
