@@ -137,6 +137,7 @@ def embed_section(bench: Bench, args: argparse.Namespace) -> None:
 
         impls = [("reference (eager)", train(ref_fwd))]
         if compiled_fwd is not None:
+            # a separate compiled callable: the one above was traced under no_grad (no backward graph)
             compiled_train = _compiled(ref_fwd, args)
             impls.append(("reference (compile)", train(compiled_train)))
         impls.append((f"FusedMCLEmbed ({args.backend})", train(mod_fwd)))

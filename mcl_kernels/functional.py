@@ -81,7 +81,6 @@ def mcl_embed(x: Tensor, proj_weight: Tensor, proj_bias: Optional[Tensor], compr
     smalls, larges, recons = [small], [large], [recon if dw is not None else None]
     grid = (x.shape[-2] // proj_weight.shape[-1] // k, x.shape[-1] // proj_weight.shape[-1] // k)
     for k, cw, cb, dw, db in levels[1:]:
-        _checks.check_factor(k)
         large, recon = ops.mcl_compress(larges[-1], cw, cb, dw, db, grid[0], grid[1], k, backend)
         smalls.append(larges[-1])
         larges.append(large)

@@ -16,12 +16,11 @@ def _pair(v: IntPair) -> Tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def _check_img_size(module: nn.Module, x: Tensor) -> None:
+def _check_img_size(module: nn.Module, x: Tensor, largest_patch: int) -> None:
     """timm's strict image-size rule; other shape rules are the ops' (`_checks`)."""
     if module.strict_img_size and x.dim() == 4 and tuple(x.shape[-2:]) != module.img_size:
         raise ValueError(f"input image size {tuple(x.shape[-2:])} does not match the module's img_size "
-                         f"{module.img_size}; pass strict_img_size=False to accept any multiple of "
-                         f"{module.patch_size[0] if isinstance(module, MergedPatchEmbed) else module.scales[-1]}")
+                         f"{module.img_size}; pass strict_img_size=False to accept any multiple of {largest_patch}")
 
 
 class TiedDecompress(nn.Module):
@@ -64,7 +63,7 @@ class MergedPatchEmbed(nn.Module):
 
     def forward(self, x: Tensor, cls_token: Optional[Tensor] = None, pos_embed: Optional[Tensor] = None) -> Tensor:
         """``[B, N, D]`` tokens; with ``cls_token`` / ``pos_embed`` the ViT input sequence ``[B, T, D]``."""
-        _check_img_size(self, x)
+        _check_img_size(self, x, self.patch_size[0])
         return functional.embed_tokens(x, self.proj.weight, self.proj.bias, cls_token, pos_embed,
                                        backend=self.backend)
 
@@ -133,7 +132,7 @@ class FusedMCLEmbed(nn.Module):
         return [None] * len(self.factors) if m is None else (list(m) if isinstance(m, nn.ModuleList) else [m])
 
     def forward(self, x: Tensor):
-        _check_img_size(self, x)
+        _check_img_size(self, x, self.scales[-1])
         if self.fused:
             return functional.embed_tokens(x, self.proj.weight, self.proj.bias, backend=self.backend)
         comp, decomp = self._levels("compress"), self._levels("decompress")
