@@ -6,6 +6,7 @@ expected, what came, and what to do about it.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -140,3 +141,41 @@ def check_embed_tokens(x: Tensor, weight: Tensor, bias: Optional[Tensor], cls_to
                              f"({hs}x{ws} patches{' + class token' if cls_token is not None else ''}), got {got}")
         check_param("pos_embed", pos_embed, _shape(pos_embed), x)
     return T, D
+
+
+def check_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tuple[int, int, int, int]:
+    """Self-attention operands ``q, k, v [B, H, N, Dh]`` (equal shapes, one dtype and device) and a finite
+    ``scale``; returns ``(B, H, N, Dh)``."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"expected {name} as a torch.Tensor [B, H, N, Dh], got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"expected {name} of rank 4 [B, H, N, Dh] (batch, heads, tokens, head dim), got "
+                             f"shape {_shape(t)}; split heads first, e.g. x.reshape(B, N, H, Dh).transpose(1, 2)")
+        if t.dtype not in _FLOATS:
+            raise TypeError(f"expected floating-point {name} (float32, bfloat16, float16 or float64), got {t.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if _shape(t) != _shape(q):
+            raise ValueError(f"self-attention expects {name} of the same shape as q {_shape(q)}, got {_shape(t)}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has dtype {q.dtype}; cast them to one dtype")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; move them to the same device")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"expected scale as a finite number (default head_dim ** -0.5), got {scale!r}")
+    B, H, N, Dh = _shape(q)
+    return B, H, N, Dh
+
+
+def check_packed_attention(q: Tensor, k: Tensor, v: Tensor, seqlens: Sequence[int], scale: float
+                           ) -> Tuple[int, int, int, int]:
+    """:func:`check_attention` plus the packing: ``seqlens`` positive ints summing to ``N``."""
+    B, H, N, Dh = check_attention(q, k, v, scale)
+    if isinstance(seqlens, (int, Tensor)) or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0
+                                                     for n in seqlens) or len(seqlens) == 0:
+        raise ValueError(f"expected seqlens as a non-empty sequence of positive ints (the lengths of the packed "
+                         f"segments, e.g. (Ns, Nl, Ns) for MCL's three branches), got {seqlens!r}")
+    if sum(seqlens) != N:
+        raise ValueError(f"seqlens {tuple(seqlens)} sum to {sum(seqlens)}, but q, k, v have N={N} tokens; the "
+                         f"segments must tile the token axis exactly")
+    return B, H, N, Dh

@@ -18,6 +18,10 @@ the gradients to compute; absent results are None):
   ``-> 5 gradients``
 - ``embed_tokens(x, weight, bias, cls_token, pos_embed) -> [B, T, D]``
 - ``embed_tokens_backward(g, x, weight, bias, cls_token, pos_embed, needs) -> 5 gradients``
+- ``attention(q, k, v, scale) -> (out, lse)``; ``packed_attention(q, k, v, seqlens, scale) -> (out, lse)``
+  (``q, k, v [B, H, N, Dh]``; ``lse [B, H, N]`` float32, float64 for float64 inputs)
+- ``attention_backward(g_out, q, k, v, out, lse, scale, needs) -> 3 gradients``;
+  ``packed_attention_backward(g_out, q, k, v, out, lse, seqlens, scale, needs) -> 3 gradients``
 """
 from __future__ import annotations
 
@@ -43,6 +47,14 @@ def _ref_mcl_compress_backward(g_large, g_recon, tokens, comp_w, comp_b, decomp_
                                         needs)
 
 
+def _ref_attention(q, k, v, scale):
+    return reference.attention_forward(q, k, v, (q.shape[2],), scale)
+
+
+def _ref_attention_backward(g_out, q, k, v, out, lse, scale, needs):
+    return reference.attention_backward(g_out, q, k, v, out, lse, (q.shape[2],), scale, needs)
+
+
 REFERENCE_OPS: Dict[str, Callable] = {
     "mcl_embed": reference.mcl_embed,
     "mcl_embed_backward": reference.mcl_embed_backward,
@@ -50,6 +62,10 @@ REFERENCE_OPS: Dict[str, Callable] = {
     "mcl_compress_backward": _ref_mcl_compress_backward,
     "embed_tokens": reference.embed_tokens,
     "embed_tokens_backward": reference.embed_tokens_backward,
+    "attention": _ref_attention,
+    "attention_backward": _ref_attention_backward,
+    "packed_attention": reference.attention_forward,
+    "packed_attention_backward": reference.attention_backward,
 }
 
 
@@ -105,7 +121,31 @@ def _triton_ops() -> Dict[str, Callable]:
     def mcl_embed(x, proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b, k):
         from .triton.mcl_embed import mcl_embed as kernel
         return kernel(x, proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b, k)
-    return {"embed_tokens": embed_tokens, "mcl_embed": mcl_embed}
+
+    def mcl_embed_backward(g_small, g_large, g_recon, x, proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b, small,
+                           large, k, needs):
+        from .triton.mcl_embed_backward import mcl_embed_backward as kernel
+        return kernel(g_small, g_large, g_recon, x, proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b, small, large,
+                      k, needs)
+
+    def attention(q, k, v, scale):
+        from .triton.attention import attention as kernel
+        return kernel(q, k, v, scale)
+
+    def attention_backward(g_out, q, k, v, out, lse, scale, needs):
+        from .triton.attention import attention_backward as kernel
+        return kernel(g_out, q, k, v, out, lse, scale, needs)
+
+    def packed_attention(q, k, v, seqlens, scale):
+        from .triton.attention import packed_attention as kernel
+        return kernel(q, k, v, seqlens, scale)
+
+    def packed_attention_backward(g_out, q, k, v, out, lse, seqlens, scale, needs):
+        from .triton.attention import packed_attention_backward as kernel
+        return kernel(g_out, q, k, v, out, lse, seqlens, scale, needs)
+    return {"embed_tokens": embed_tokens, "mcl_embed": mcl_embed, "mcl_embed_backward": mcl_embed_backward,
+            "attention": attention, "attention_backward": attention_backward, "packed_attention": packed_attention,
+            "packed_attention_backward": packed_attention_backward}
 
 
 BACKENDS: Dict[str, Backend] = {
@@ -118,7 +158,8 @@ BACKENDS: Dict[str, Backend] = {
                     "embed_tokens (CUDA C++)"),
     "triton": Backend("triton", _triton_ops(), _triton_unavailable,
                       "pip install triton; on CPU tensors set TRITON_INTERPRET=1 before importing triton",
-                      "embed_tokens, mcl_embed forward (Triton)"),
+                      "embed_tokens, mcl_embed forward and backward, attention and packed attention forward and "
+                      "backward (Triton)"),
 }
 
 # First available backend that implements the op wins: per device type, with per-op exceptions where a

@@ -40,7 +40,9 @@ def _grads_to_none(grads: Sequence[Tensor], needs: Sequence[bool]) -> List[Optio
 
 
 def _fake_grads(tensors: Sequence[Optional[Tensor]], needs: Sequence[bool], like: Tensor) -> List[Tensor]:
-    return [torch.empty_like(t) if need and t is not None else _absent(like) for t, need in zip(tensors, needs)]
+    # Contiguous, like the real results (`_own`): empty_like would keep a channels_last or permuted input's
+    # strides, and compiled graphs check the real strides against these.
+    return [t.new_empty(t.shape) if need and t is not None else _absent(like) for t, need in zip(tensors, needs)]
 
 
 # --- training embedding: pixels -> (S, L, R) -------------------------------------------------------

@@ -224,3 +224,80 @@ def embed_tokens_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optiona
     g_pos = grad.sum(0).reshape(pos_embed.shape) if pos_embed is not None and needs[4] else None
     gx, gw, gb = patch_tokens_backward(grad[:, first:], x, weight, needs[:3])
     return gx, gw, gb, g_cls, g_pos
+
+
+# --- attention: the ViT blocks' multi-head self-attention, plain and packed (block-diagonal) ----------------
+# Layout: ``q, k, v [B, H, N, Dh]`` (what timm's Attention makes of its qkv projection). Packed: the token
+# rows of every image are the concatenation of segments of lengths ``seqlens`` (MCL: the small, large and
+# reconstructed branches of one image, each with its class token), and each segment attends only to itself.
+
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
+    """Self-attention ``softmax(q k^T · scale) v``: ``q, k, v [B, H, N, Dh]`` -> ``[B, H, N, Dh]``;
+    ``scale`` defaults to ``Dh^-0.5``. The math of timm's non-fused path, in the inputs' dtype."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return ((q @ k.transpose(-2, -1)) * scale).softmax(-1) @ v
+
+
+def segments(seqlens: Sequence[int]) -> List[slice]:
+    """The token slices of packed segments of lengths ``seqlens``."""
+    bounds = [0]
+    for n in seqlens:
+        bounds.append(bounds[-1] + int(n))
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def packed_attention(q: Tensor, k: Tensor, v: Tensor, seqlens: Sequence[int], scale: Optional[float] = None
+                     ) -> Tensor:
+    """Block-diagonal self-attention over packed segments: ``q, k, v [B, H, N, Dh]`` with
+    ``N = sum(seqlens)``; rows of segment ``s`` attend only to keys of segment ``s``. By definition
+    :func:`attention` on each segment separately, concatenated along ``N``."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return torch.cat([attention(q[:, :, s], k[:, :, s], v[:, :, s], scale) for s in segments(seqlens)], dim=2)
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, seqlens: Sequence[int], scale: float
+                      ) -> Tuple[Tensor, Tensor]:
+    """The attention ops' forward: ``(out [B, H, N, Dh], lse [B, H, N])``, ``out`` of
+    :func:`packed_attention` (one segment: plain attention) and ``lse`` the log-sum-exp of each row's scaled
+    scores over its segment, which the backward uses to recompute the softmax. Computed in float32 (float64
+    for float64 inputs) and rounded once: ``out`` in ``q.dtype``, ``lse`` in the accumulation dtype."""
+    acc = _accumulation_dtype(q.dtype)
+    qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
+    outs, lses = [], []
+    for s in segments(seqlens):
+        scores = (qa[:, :, s] @ ka[:, :, s].transpose(-2, -1)) * scale
+        lse = torch.logsumexp(scores, -1)
+        outs.append(torch.exp(scores - lse[..., None]) @ va[:, :, s])
+        lses.append(lse)
+    B, H, N, Dh = q.shape
+    if not outs:  # N = 0
+        return q.new_empty((B, H, 0, Dh)), q.new_empty((B, H, 0), dtype=acc)
+    return torch.cat(outs, 2).to(q.dtype), torch.cat(lses, 2)
+
+
+def attention_backward(g_out: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                       seqlens: Sequence[int], scale: float, needs: Sequence[bool]
+                       ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Gradients of :func:`attention_forward`'s ``out`` for ``(q, k, v)`` from ``g_out [B, H, N, Dh]``, given
+    the forward's ``out`` and ``lse``. Per segment, with the softmax recomputed as
+    ``P = exp(q k^T · scale - lse)`` and ``δ = rowsum(g_out ⊙ out)``:
+    ``g_v = P^T g_out``, ``g_P = g_out v^T``, ``g_S = P ⊙ (g_P - δ)``, ``g_q = scale · g_S k``,
+    ``g_k = scale · g_S^T q``. Computed in float32 (float64 for float64 inputs), returned in ``q.dtype``.
+    ``g_out`` None counts as zero."""
+    acc = _accumulation_dtype(q.dtype)
+    if g_out is None:
+        g_out = torch.zeros_like(out)
+    qa, ka, va, ga = q.to(acc), k.to(acc), v.to(acc), g_out.to(acc)
+    delta = (ga * out.to(acc)).sum(-1)
+    gq, gk, gv = torch.zeros_like(qa), torch.zeros_like(ka), torch.zeros_like(va)
+    for s in segments(seqlens):
+        p = torch.exp((qa[:, :, s] @ ka[:, :, s].transpose(-2, -1)) * scale - lse[:, :, s, None].to(acc))
+        gv[:, :, s] = p.transpose(-2, -1) @ ga[:, :, s]
+        gs = p * (ga[:, :, s] @ va[:, :, s].transpose(-2, -1) - delta[:, :, s, None])
+        gq[:, :, s] = (gs @ ka[:, :, s]) * scale
+        gk[:, :, s] = (gs.transpose(-2, -1) @ qa[:, :, s]) * scale
+    return tuple(g.to(q.dtype) if need else None for g, need in zip((gq, gk, gv), needs))

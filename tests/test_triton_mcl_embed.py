@@ -1,5 +1,6 @@
 """The fused Triton `mcl_embed` kernel (pixels -> S, L, R in one launch) against the reference, called
-directly and through the public API with ``backend="triton"`` (whose backward is the reference's).
+directly and through the public API with ``backend="triton"`` (whose backward is
+tests/test_triton_mcl_embed_backward.py's subject).
 
 On CPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py), so the shapes are
 small; the real ViT shape runs only on a CUDA device.
@@ -159,7 +160,7 @@ def test_public_api_forward_and_gradients_match_reference(triton_backend, shape,
     for name, o, e in zip(NAMES, outs, expected):
         assert_close(f"forward {name} {variant} {layout}", o, e, atol=atol, rtol=1e-5)
 
-    # No Triton backward: the op layer falls back to the reference's, fed by this forward's saved outputs.
+    # The Triton backward (test_triton_mcl_embed_backward.py), fed by this forward's saved outputs.
     pairs = [(o, e) for o, e in zip(outs, expected) if e is not None]
     ups = [torch.randn_like(e) for _, e in pairs]
     params = [t for t in leaves if t is not None]

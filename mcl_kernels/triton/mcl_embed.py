@@ -17,8 +17,8 @@ Accumulation is fp32 (fp64 for float64 inputs). Like the reference, the second a
 PyTorch's own rounding points.
 
 Contract (backends.py): ``mcl_embed(x, proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b, k) -> (S, L, R)``,
-arguments already validated by the op layer (`mcl_kernels._checks.check_mcl_embed`). No backward here: the
-op layer falls back to the reference's backward, which the math defines independently of this forward.
+arguments already validated by the op layer (`mcl_kernels._checks.check_mcl_embed`). The backward is
+`mcl_embed_backward.py` (it reads the saved ``S`` and ``L``; the math defines it independently of this forward).
 
 Limitation of this first version: the whole width ``D`` lives on chip (``BLOCK_D = next_power_of_2(D)``:
 the ``[BLOCK_L, BLOCK_D]`` accumulators of ``S_uv`` and ``L`` plus a ``[BLOCK_D, BLOCK_D]`` weight tile per
@@ -34,20 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .utils import input_precision, launch, patch_offsets
-
-
-@triton.jit
-def _round(v, out_ty: tl.constexpr, BF16_RTNE: tl.constexpr):
-    """``v`` (fp32/fp64 accumulator) rounded to the output dtype, to nearest even like PyTorch and the GPU.
-    Triton's interpreter truncates fp32 -> bf16 casts (drops the low mantissa bits): there (``BF16_RTNE``)
-    the rounding is done on the bits. Finite values only, which is all an embedding produces."""
-    if BF16_RTNE:
-        bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return v.to(out_ty)
+from .utils import input_precision, launch, patch_offsets, round_to
 
 
 @triton.jit
@@ -103,7 +90,7 @@ def _mcl_embed_kernel(
                 small = tl.dot(xt, wt, small, input_precision=INPUT_PRECISION)
             if HAS_PB:
                 small += pbias[None, :]
-            small_lo = _round(small, out_ty, BF16_RTNE)  # S as the reference has it: rounded once to x.dtype
+            small_lo = round_to(small, out_ty, BF16_RTNE)  # S as the reference has it: rounded once to x.dtype
             s_row = (img * NS + hs * grid_ws + ws) * D
             tl.store(s_ptr + s_row[:, None] + offs_d[None, :], small_lo, mask=mask_ld)
 
@@ -118,7 +105,7 @@ def _mcl_embed_kernel(
 
     if HAS_CB:
         large += tl.load(cb_ptr + offs_d * s_cb, mask=mask_d, other=0.0).to(ACC_DTYPE)[None, :]
-    large_lo = _round(large, out_ty, BF16_RTNE)
+    large_lo = round_to(large, out_ty, BF16_RTNE)
     tl.store(l_ptr + (offs_l * D)[:, None] + offs_d[None, :], large_lo, mask=mask_ld)
 
     if HAS_DEC:
@@ -139,7 +126,7 @@ def _mcl_embed_kernel(
                 hs = li * KF + u
                 ws = lj * KF + v
                 r_row = (img * NS + hs * grid_ws + ws) * D
-                tl.store(r_ptr + r_row[:, None] + offs_d[None, :], _round(recon, out_ty, BF16_RTNE), mask=mask_ld)
+                tl.store(r_ptr + r_row[:, None] + offs_d[None, :], round_to(recon, out_ty, BF16_RTNE), mask=mask_ld)
 
 
 # GPUs: a few tilings of the large-token rows, tuned once per (D, K, k). BLOCK_D and BLOCK_K are fixed by the

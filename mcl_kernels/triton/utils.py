@@ -42,3 +42,16 @@ def patch_offsets(offs_k, P: tl.constexpr, s_c, s_h, s_w):
     c = offs_k // (P * P)
     r = offs_k % (P * P)
     return c * s_c + (r // P) * s_h + (r % P) * s_w
+
+
+@triton.jit
+def round_to(v, out_ty: tl.constexpr, BF16_RTNE: tl.constexpr):
+    """``v`` (fp32/fp64 accumulator) rounded to the output dtype, to nearest even like PyTorch and the GPU.
+    Triton's interpreter truncates fp32 -> bf16 casts (drops the low mantissa bits): there (``BF16_RTNE``)
+    the rounding is done on the bits. Finite values only, which is all these kernels produce."""
+    if BF16_RTNE:
+        bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(out_ty)
