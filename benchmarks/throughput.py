@@ -189,7 +189,146 @@ def merged_section(bench: Bench, args: argparse.Namespace) -> None:
             bench.case("merged", name, flops, shape, impls)
 
 
-SECTIONS = {"embed": embed_section, "merged": merged_section}
+def models_section(bench: Bench, args: argparse.Namespace) -> None:
+    """Whole models (opt-in: ``--sections models``; tens of minutes on a CPU, about a minute on a GPU).
+
+    ``models-infer``: images/s of the deployed MCL-DeiT-Ti/S/B-32 (plain timm ViT-/32s from
+    ``MCLViT.deploy``) against timm DeiT-Ti/16 (baseline: the model MCL-DeiT-S/32 beats at 1.5x its speed),
+    DeiT-S/16, ViT-S/32 and torchvision MobileNetV2 and RegNetY-400MF, at batch 1, 16 and 64 in float32 and
+    bfloat16 (weights and inputs cast). ``models-train``: one training step (forward, backward, AdamW step) of
+    MCL-DeiT-S/32 (three branches, fused embedding) against one step of plain DeiT-S/16 (baseline) and of
+    ViT-S/32, at ``--batch`` (at most 64); bfloat16 under autocast. ``--quick``: the tiny sizes only, batch 1
+    and 2. GFLOP/s from torch's FlopCounterMode plus the embedding's GEMMs (FlopCounterMode does not see
+    inside the custom ops); ``%peak`` against the ``torch.mm`` peak of each dtype, measured in this run.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+    try:
+        import timm
+        from mcl_kernels.loss import MCLLoss
+        from mcl_kernels.models import create_model
+    except ImportError as exc:
+        print(f"  [models] skipped: {exc} (pip install timm)", file=sys.stderr)
+        return
+    try:
+        import torchvision
+    except ImportError:
+        torchvision = None
+        print("  [models] torchvision is not installed: its CNN rows are skipped", file=sys.stderr)
+    dev, img = bench.device, args.img_size
+    size = "tiny" if args.quick else None
+    batches = (1, 2) if args.quick else (1, 16, 64)
+    dtypes = ("float32", "bfloat16")
+    peaks = {args.dtype: bench.peak}
+    baselines: Dict[tuple, tuple] = {}  # (section, case) -> (impl, seconds): the first model timed in a case
+
+    def peak(dname: str) -> float:
+        if dname not in peaks:
+            peaks[dname] = harness.measure_mm_peak(dev, DTYPES[dname])
+            print(f"  measured torch.mm peak ({dname}): {peaks[dname]:.1f} GFLOP/s", flush=True)
+        return peaks[dname]
+
+    def timm_model(name: str, **kw):
+        return timm.create_model(name, pretrained=False, img_size=img, **kw)
+
+    def mcl(name: str, **kw):
+        return create_model(name, num_classes=1000, img_size=img, backend=args.backend, **kw)
+
+    infer = [("timm DeiT-Ti/16", lambda: timm_model("deit_tiny_patch16_224")),
+             ("MCL-DeiT-Ti/32 (deployed)", lambda: mcl("mcl_deit_tiny_patch32_224").deploy("fast"))]
+    if size is None:
+        infer += [("timm DeiT-S/16", lambda: timm_model("deit_small_patch16_224")),
+                  ("timm ViT-S/32", lambda: timm_model("vit_small_patch32_224")),
+                  ("MCL-DeiT-S/32 (deployed)", lambda: mcl("mcl_deit_small_patch32_224").deploy("fast")),
+                  ("MCL-DeiT-B/32 (deployed)", lambda: mcl("mcl_deit_base_patch32_224").deploy("fast"))]
+    if torchvision is not None:
+        infer.append(("torchvision MobileNetV2", lambda: torchvision.models.mobilenet_v2(weights=None)))
+        if size is None:
+            infer.append(("torchvision RegNetY-400MF", lambda: torchvision.models.regnet_y_400mf(weights=None)))
+
+    def row(section, case, impl, dname, shape, sec, flops, base, extra):
+        r = Row(section, case, impl, dname, shape, sec * 1e3, flops / sec / 1e9, flops / sec / 1e9 / peak(dname),
+                base[1] / sec, base[0], extra)
+        bench.rows.append(r)
+        print(f"  {section:<12} {case:<22} {impl:<28} {dname:<8} {sec * 1e3:9.3f} ms "
+              f"{extra['images_per_s']:9.1f} img/s {r.gflops:8.1f} GFLOP/s {r.ratio:6.2f}x", flush=True)
+
+    def count_flops(fn) -> float:
+        with FlopCounterMode(display=False) as fc:
+            fn()
+        return float(fc.get_total_flops())
+
+    for label, build in infer:
+        torch.manual_seed(0)
+        built = build().eval().to(dev)
+        for dname in dtypes:
+            built = built.to(DTYPES[dname])
+            for B in batches:
+                x = torch.randn(B, 3, img, img, device=dev, dtype=DTYPES[dname])
+                case = f"B={B} {img}x{img} {dname}"
+                with torch.no_grad():
+                    def fn(m=built, x=x):
+                        return m(x)
+                    try:
+                        sec = harness.median_seconds(fn, dev, args.warmup, args.repeats)
+                        flops = count_flops(fn)
+                    except Exception as exc:  # noqa: BLE001 - one failing peer must not hide the others
+                        print(f"  [models-infer/{case}] {label}: skipped ({type(exc).__name__}: {exc})",
+                              file=sys.stderr)
+                        continue
+                key = ("models-infer", case)
+                base = baselines.setdefault(key, (label, sec))
+                row("models-infer", case, label, dname, {"B": B, "H": img, "W": img}, sec, flops, base,
+                    {"images_per_s": B / sec, "params": sum(p.numel() for p in built.parameters())})
+        del built
+
+    # Training steps: the MCL model's three branches and loss against plain one-patch models.
+    B = min(args.batch, 64)
+    s = "tiny" if size else "small"
+    S = "Ti" if size else "S"
+    train = [(f"timm DeiT-{S}/16 step", lambda: timm_model(f"deit_{s}_patch16_224"), False),
+             (f"timm ViT-{S}/32 step", lambda: timm_model(f"deit_{s}_patch16_224", patch_size=32), False),
+             (f"MCL-DeiT-{S}/32 step", lambda: mcl(f"mcl_deit_{s}_patch32_224"), True)]
+    for dname in dtypes:
+        case = f"B={B} {img}x{img} {dname}"
+        for label, build, is_mcl in train:
+            torch.manual_seed(0)
+            model = build().train().to(dev)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            x = torch.randn(B, 3, img, img, device=dev)
+            y = torch.randint(0, 1000, (B,), device=dev)
+            loss_fn = MCLLoss() if is_mcl else None
+
+            def fwd_bwd(model=model, x=x, y=y, loss_fn=loss_fn, amp=dname == "bfloat16"):
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                    out = model(x)
+                    loss = loss_fn(out, y)[0] if loss_fn is not None else torch.nn.functional.cross_entropy(out, y)
+                loss.backward()
+
+            def step(model=model, opt=opt, fwd_bwd=fwd_bwd):
+                fwd_bwd()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            try:
+                sec = harness.median_seconds(step, dev, args.warmup, args.repeats)
+                flops = count_flops(fwd_bwd)
+            except Exception as exc:  # noqa: BLE001
+                print(f"  [models-train/{case}] {label}: skipped ({type(exc).__name__}: {exc})", file=sys.stderr)
+                continue
+            opt.zero_grad(set_to_none=True)
+            if is_mcl:  # the fused embedding's GEMMs (custom ops), counted as in the embed section
+                p, k, D, C = model.small_patch, model.compress, model.embed_dim, model.in_chans
+                ns, nl = (img // p) ** 2, (img // (p * k)) ** 2
+                embed, comp = 2.0 * B * ns * D * C * p * p, 2.0 * B * nl * D * k * k * D  # decompress: as comp
+                fwd = embed + 2 * comp
+                flops += fwd + (fwd + 2 * comp)  # forward; weight gradients + token gradients (no pixel ones)
+            base = baselines.setdefault(("models-train", case), (label, sec))
+            row("models-train", case, label, dname, {"B": B, "H": img, "W": img}, sec, flops, base,
+                {"images_per_s": B / sec, "params": sum(p.numel() for p in model.parameters())})
+            del model, opt
+
+
+SECTIONS = {"embed": embed_section, "merged": merged_section, "models": models_section}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Row]:

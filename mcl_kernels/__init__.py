@@ -9,9 +9,20 @@ from .functional import MCLTokens, embed_tokens, mcl_embed, merge_weights
 from .modules import FusedMCLEmbed, MergedPatchEmbed
 from . import attention, attention_ops  # noqa: F401  (the attention ops and the drop-in ViT attention)
 from .attention import MCLAttention, packed_segments, swap_attention
+from .loss import MCLLoss
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # The models need timm (an optional dependency): imported on first use, not with the package.
+    if name in ("models", "create_model", "list_models", "MCLViT", "MCLOutput"):
+        import importlib
+        models = importlib.import_module(".models", __name__)
+        return models if name == "models" else getattr(models, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = ["FusedMCLEmbed", "MergedPatchEmbed", "MCLTokens", "mcl_embed", "merge_weights", "embed_tokens",
            "MCLAttention", "swap_attention", "packed_segments", "attention",
+           "MCLLoss", "create_model", "list_models", "MCLViT", "MCLOutput",
            "backends", "ops", "reference"]

@@ -6,6 +6,7 @@ tensors; for a chain, tuples with one entry per level.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -64,6 +65,29 @@ def _normalize(compress_weight: TensorOrSeq, compress_bias: OptTensorOrSeq, deco
     return chain, [(k, w, b, dw, db) for k, w, b, dw, db in zip(ks, ws, bs, dws, dbs)]
 
 
+def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The dtype ``torch.autocast`` computes in on ``x``'s device, or None outside autocast.
+
+    Custom ops are opaque to autocast: their kernels would run with autocast still on (the reference
+    backend's convolutions then return autocast-dtype tokens while the saved weights stay float32, and the
+    backward mixes dtypes). The functional forms therefore do what autocast does for a linear layer: cast
+    the floating inputs to the autocast dtype (differentiably: gradients reach the float32 weights) and run
+    the op with autocast off.
+    """
+    device = x.device.type
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
+
+
+def _cast(value, dtype: torch.dtype):
+    if isinstance(value, Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast(v, dtype) for v in value)
+    return value
+
+
 def mcl_embed(x: Tensor, proj_weight: Tensor, proj_bias: Optional[Tensor], compress_weight: TensorOrSeq,
               compress_bias: OptTensorOrSeq = None, decompress_weight: OptTensorOrSeq = None,
               decompress_bias: OptTensorOrSeq = None, *, compress: Union[int, Sequence[int]] = 2,
@@ -74,6 +98,12 @@ def mcl_embed(x: Tensor, proj_weight: Tensor, proj_bias: Optional[Tensor], compr
     ``tied_decompress=True`` to use ``compress_weight^T``; or neither for no reconstruction).
     """
     backends.check_name(backend)
+    amp = _autocast_dtype(x)
+    if amp is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            return mcl_embed(*_cast((x, proj_weight, proj_bias, compress_weight, compress_bias, decompress_weight,
+                                     decompress_bias), amp), compress=compress, tied_decompress=tied_decompress,
+                             backend=backend)
     chain, levels = _normalize(compress_weight, compress_bias, decompress_weight, decompress_bias, compress,
                                tied_decompress)
     k, cw, cb, dw, db = levels[0]
@@ -109,8 +139,12 @@ def merge_weights(proj_weight: Tensor, proj_bias: Optional[Tensor], compress_wei
     dtype = proj_weight.dtype
     work = torch.promote_types(dtype, torch.float32)
     cast = lambda t: None if t is None else t.to(work)  # noqa: E731
-    weight, bias = reference.merge_weights(cast(proj_weight), cast(proj_bias),
-                                           [(k, cast(cw), cast(cb)) for k, cw, cb, _, _ in levels])
+    # The promised precision also under autocast (which would run the merge's matmuls in its dtype).
+    no_amp = (torch.autocast(proj_weight.device.type, enabled=False) if _autocast_dtype(proj_weight) is not None
+              else contextlib.nullcontext())
+    with no_amp:
+        weight, bias = reference.merge_weights(cast(proj_weight), cast(proj_bias),
+                                               [(k, cast(cw), cast(cb)) for k, cw, cb, _, _ in levels])
     return weight.to(dtype), bias.to(dtype)
 
 
@@ -119,4 +153,8 @@ def embed_tokens(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, cls_t
     """Inference embedding: ``conv2d(x, weight, bias, stride=P)`` as tokens, class token first, position
     embedding added, written into one ``[B, T, D]`` buffer (``T = N`` or ``1 + N``)."""
     backends.check_name(backend)
+    amp = _autocast_dtype(x)
+    if amp is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            return ops.embed_tokens(*_cast((x, weight, bias, cls_token, pos_embed), amp), backend)
     return ops.embed_tokens(x, weight, bias, cls_token, pos_embed, backend)

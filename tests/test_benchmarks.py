@@ -31,3 +31,21 @@ def test_unknown_section_is_a_clear_error():
                           "--sections", "bogus", "--json", os.devnull], capture_output=True, text=True,
                          timeout=300, cwd=ROOT)
     assert res.returncode != 0 and "unknown section(s) ['bogus']" in res.stderr
+
+
+def test_models_section_quick_run(tmp_path):
+    """The opt-in models section: deployed MCL models against timm/torchvision peers, and training steps."""
+    out = tmp_path / "models.json"
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"), "--quick",
+                          "--sections", "models", "--json", str(out)], capture_output=True, text=True, timeout=600,
+                         cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    impls = {(r["section"], r["impl"], r["dtype"]) for r in rows}
+    for dtype in ("float32", "bfloat16"):
+        assert {("models-infer", "timm DeiT-Ti/16", dtype), ("models-infer", "MCL-DeiT-Ti/32 (deployed)", dtype),
+                ("models-train", "timm DeiT-Ti/16 step", dtype),
+                ("models-train", "MCL-DeiT-Ti/32 step", dtype)} <= impls
+    for r in rows:
+        assert r["median_ms"] > 0 and r["gflops"] > 0 and r["ratio"] > 0 and r["extra"]["images_per_s"] > 0
+        assert r["baseline"] == ("timm DeiT-Ti/16" if r["section"] == "models-infer" else "timm DeiT-Ti/16 step")
