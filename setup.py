@@ -158,7 +158,15 @@ setup(
     packages=find_packages(include=["mcl_kernels", "mcl_kernels.*"]),
     python_requires=">=3.9",
     install_requires=["torch>=2.4"],
-    extras_require={"test": ["pytest", "timm", "expecttest", "numpy"], "timm": ["timm"]},
+    extras_require={"test": ["pytest", "timm", "expecttest", "numpy", "torchvision", "safetensors", "tqdm",
+                             "onnx", "onnxscript", "onnxruntime"],
+                    "timm": ["timm"],
+                    # mcl-train / mcl-eval / mcl-export (ONNX export and evaluation need the "export" extra too)
+                    "train": ["timm", "torchvision", "numpy", "safetensors", "tqdm"],
+                    # mcl_kernels.models.export: safetensors files of timm models, ONNX (+ onnxruntime to check it)
+                    "export": ["timm", "safetensors", "onnx", "onnxscript", "onnxruntime"]},
+    entry_points={"console_scripts": ["mcl-train=mcl_kernels.train:main", "mcl-eval=mcl_kernels.eval:main",
+                                      "mcl-export=mcl_kernels.export:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,
