@@ -28,7 +28,7 @@ _PRESETS: Dict[str, Dict[str, str]] = {
     "mcl_convit_small_patch32_224": {"base": "convit_small", "fast": "convit_small", "accurate": "convit_small"},
     "mcl_convit_base_patch32_224": {"base": "convit_base", "fast": "convit_base", "accurate": "convit_base"},
 }
-_MCL_KWARGS = ("small_patch", "compress", "decompress", "tied_decompress", "pos_embed_init")
+_MCL_KWARGS = ("small_patch", "compress", "decompress", "tied_decompress", "pos_embed_init", "packed")
 
 
 def list_models() -> List[str]:
@@ -42,9 +42,10 @@ def create_model(name: str, num_classes: int = 1000, img_size: int = 224, in_cha
 
     The preset fixes the timm architecture (DeiT-Ti/S/B widths, or ConViT-Ti/S/B) at small patch 16 compressed
     ×2 to 32. MCL options (``small_patch``, ``compress``, ``decompress``, ``tied_decompress``,
-    ``pos_embed_init``, default ``"trunc_normal"``: both position embeddings drawn as timm draws one) go to
-    :class:`MCLViT`; every other keyword goes to the timm constructor (``drop_path_rate``, ``embed_dim``,
-    ``depth``, ``num_heads``, ``global_pool``, ...). No weights are downloaded: to start from pretrained timm
+    ``pos_embed_init``, default ``"trunc_normal"``: both position embeddings drawn as timm draws one; ``packed``,
+    default False: all branches through the blocks in one packed pass, DeiT presets only) go to :class:`MCLViT`;
+    every other keyword goes to the timm constructor (``drop_path_rate``, ``embed_dim``, ``depth``,
+    ``num_heads``, ``global_pool``, ...). No weights are downloaded: to start from pretrained timm
     weights, build that model yourself and wrap it with :meth:`MCLViT.from_timm`.
     """
     import timm

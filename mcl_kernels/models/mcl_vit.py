@@ -12,25 +12,35 @@ reconstructed tokens have the same count and position embedding, so they run as 
 sequences; the large tokens run as a second pass. Batching images together is exact because every block
 acts on each image separately (attention never mixes sequences; there is no batch norm).
 
+Packed training (``packed=True``, ViT/DeiT only): the three branches of each image run through the blocks as
+ONE sequence ``[B, Ns' + Nl' + Ns', D]`` (small, large, reconstructed; each with its own prefix and position
+embedding, ``'`` counting the class/register tokens), one pass instead of two. Every op of a timm block but the
+attention acts on each token alone, so the pass is exact once the attention is block-diagonal: the model's
+timm ``Attention`` modules are replaced at construction by :class:`~mcl_kernels.attention.MCLAttention`
+sharing their parameters (the state dict keeps timm's keys and tensors), which attend within each branch's
+segment while :func:`~mcl_kernels.attention.packed_segments` is active. ConViT is rejected: see ``__init__``.
+
 Deployment: :meth:`MCLViT.deploy` returns a plain timm model. ``mode="fast"`` merges the small-patch
 embedding and the compression into one patch-``k·p`` embedding (the large branch, the cost of a ViT-/32);
 ``mode="accurate"`` keeps the small-patch embedding with ``pos_embed_small`` (the small branch, a ViT-/16).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from .. import functional
+from .. import backends, functional
+from ..attention import MCLAttention, packed_segments
 from ..modules import FusedMCLEmbed, _check_img_size
 
 try:
     from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
     from timm.models.convit import GPSA, ConVit
-    from timm.models.vision_transformer import VisionTransformer
+    from timm.models.vision_transformer import Block, ParallelThingsBlock, ResPostBlock, VisionTransformer
 except ImportError as exc:  # pragma: no cover - exercised only without timm
     raise ImportError("mcl_kernels.models builds on timm's vision transformers: pip install timm "
                       "(or pip install 'mcl_kernels[timm]')") from exc
@@ -43,6 +53,9 @@ except ImportError:  # pragma: no cover - older timm
 MODES = ("fast", "accurate")
 POS_EMBED_INITS = ("resample", "trunc_normal")
 _DROP_ARGS = ("drop_rate", "drop_path_rate", "drop_block_rate")
+# timm ViT blocks whose only token-mixing modules are their ``attn`` attentions (norms, MLPs, layer scale, drop
+# path act on each token or each image): with those attentions block-diagonal they run packed branches exactly.
+_PACKABLE_BLOCKS = (Block, ResPostBlock, ParallelThingsBlock)
 
 
 class MCLOutput(NamedTuple):
@@ -109,12 +122,36 @@ class MCLViT(nn.Module):
     biases, like timm's), position/patch dropout, drop path, gradient checkpointing. Rejected with an error:
     ``dynamic_img_size``, ``dynamic_img_pad``, a norm inside the patch embedding, hybrid (CNN) stems, and for
     ConViT non-square token grids (its GPSA attention assumes square ones).
+
+    ``packed=True`` (ViT/DeiT; default False): :meth:`forward` runs the branches as one packed sequence (module
+    docstring). The attention modules become :class:`~mcl_kernels.attention.MCLAttention` (same parameters and
+    state-dict keys) on ``backend`` where that backend has attention kernels (``reference``, ``triton``), else on
+    ``"auto"``; :meth:`forward_large`, :meth:`forward_small` and the re-parameterized model run them unpacked,
+    and :meth:`deploy` still returns timm's own modules. Equal to the unpacked forward up to float rounding,
+    except for the randomness of regularizers: stochastic depth (``drop_path_rate``) draws one keep/drop per
+    packed row, i.e. per image for its three branches together, where the unpacked forward draws one per branch;
+    dropout draws from the random stream in a different order. Blocks must be timm's ``Block``, ``ResPostBlock``
+    or ``ParallelThingsBlock`` with timm's ``Attention``; other blocks/attentions are rejected with an error.
+    ``ConViT`` is rejected too: its GPSA blocks (``local_up_to_layer`` of them, 10 of 12 in the presets) mix
+    tokens through a positional attention built for one token grid, so the two grids cannot share a sequence
+    there, and packing only the last plain blocks would save little while changing the forward's structure.
+    ``model.packed = False`` later runs the unpacked forward with the same (MCLAttention) modules; setting it
+    to True on a model built unpacked is refused (its timm attention would attend across the branches).
     """
 
     def __init__(self, vit: nn.Module, small_patch: int = 16, compress: int = 2, decompress: bool = True,
-                 tied_decompress: bool = False, backend: str = "auto", pos_embed_init: str = "resample"):
+                 tied_decompress: bool = False, backend: str = "auto", pos_embed_init: str = "resample",
+                 packed: bool = False):
         super().__init__()
         family = _family(vit)
+        _check_packed(packed)
+        if packed and family == "convit":
+            raise ValueError("packed=True is not supported for ConViT: its GPSA blocks attend through positional "
+                             "scores built for one square token grid, so the small and large branches cannot share "
+                             "one packed sequence there; train ConViT with packed=False")
+        # Checked (and converted, not yet installed) before the timm model is modified: a rejected model stays
+        # as it was.
+        packing_plan = self._packing_plan(vit, backend) if packed else []
         if pos_embed_init not in POS_EMBED_INITS:
             raise ValueError(f"pos_embed_init must be one of {POS_EMBED_INITS}, got {pos_embed_init!r}")
         small_patch, compress = int(small_patch), int(compress)
@@ -204,15 +241,29 @@ class MCLViT(nn.Module):
         self._timm_names: Dict[str, Optional[str]] = {}  # per deploy mode, set by create_model's presets
         self._timm_args = timm_args
         self._rel_indices: Dict[Tuple, Tensor] = {}
+        # Packing is exact only once every attention is an MCLAttention: settable later only on such a model.
+        self._packable = packed
+        self.packed = packed
+        # The replaced timm attention modules (sharing their submodules, hence parameters, with the MCLAttention
+        # that took their place), kept outside the module tree (a plain list: no duplicate state-dict entries) so
+        # that deploy() can hand out timm's own modules.
+        self._timm_attention: List[Tuple[str, nn.Module]] = []
+        for parent, attr, original, replacement in packing_plan:
+            setattr(parent, attr, replacement)
+        if packing_plan:
+            paths = {id(m): name for name, m in vit.named_modules()}
+            self._timm_attention = [(paths[id(r)], o) for _, _, o, r in packing_plan]
 
     @classmethod
     def from_timm(cls, timm_model: nn.Module, small_patch: int = 16, compress: int = 2, decompress: bool = True,
-                  tied_decompress: bool = False, backend: str = "auto", pos_embed_init: str = "resample") -> "MCLViT":
+                  tied_decompress: bool = False, backend: str = "auto", pos_embed_init: str = "resample",
+                  packed: bool = False) -> "MCLViT":
         """Wrap ``timm_model`` (a timm ``VisionTransformer`` or ``ConVit`` with patch ``small_patch`` or
         ``small_patch·compress``) for MCL training. The timm model is taken over, not copied: its
-        ``patch_embed`` (and possibly ``pos_embed``) are replaced in place."""
+        ``patch_embed`` (and possibly ``pos_embed``, and with ``packed=True`` its attention modules) are replaced
+        in place."""
         return cls(timm_model, small_patch=small_patch, compress=compress, decompress=decompress,
-                   tied_decompress=tied_decompress, backend=backend, pos_embed_init=pos_embed_init)
+                   tied_decompress=tied_decompress, backend=backend, pos_embed_init=pos_embed_init, packed=packed)
 
     # ---- construction helpers ----
 
@@ -222,6 +273,48 @@ class MCLViT(nn.Module):
         if family == "convit" or getattr(vit, "no_embed_class", False):
             return 0
         return int(vit.num_prefix_tokens)
+
+    @staticmethod
+    def _packing_plan(vit: nn.Module, backend: str) -> List[Tuple[nn.Module, str, nn.Module, MCLAttention]]:
+        """``(parent, attribute, timm attention, MCLAttention sharing its parameters)`` for every attention in
+        ``vit.blocks``, or an error naming the block that cannot run packed."""
+        backends.check_name(backend)
+        # The embedding's backend runs the attention too where it has attention kernels; the C++ backends have
+        # none, and "auto" then picks per device.
+        attn_backend = backend if backend == "auto" or "packed_attention" in backends.BACKENDS[backend].ops else "auto"
+        plan = []
+        for i, blk in enumerate(vit.blocks):
+            if type(blk) not in _PACKABLE_BLOCKS:
+                raise ValueError(f"packed=True needs timm blocks whose only token mixing is their attention "
+                                 f"({', '.join(c.__name__ for c in _PACKABLE_BLOCKS)}); block {i} is "
+                                 f"{type(blk).__module__}.{type(blk).__name__}")
+            for name, attn in blk.named_modules():
+                if name.rpartition(".")[2] != "attn" or isinstance(attn, MCLAttention):
+                    continue
+                try:
+                    new = MCLAttention.from_timm(attn, attn_backend)
+                except TypeError as exc:
+                    raise ValueError(f"packed=True runs the attention as mcl_kernels.MCLAttention, which replaces "
+                                     f"timm's Attention only; blocks.{i}.{name} is {type(attn).__name__}: {exc}"
+                                     ) from exc
+                parent_name, _, attr = name.rpartition(".")
+                plan.append((blk.get_submodule(parent_name) if parent_name else blk, attr, attn, new))
+        return plan
+
+    @contextlib.contextmanager
+    def _timm_attention_installed(self) -> Iterator[None]:
+        """Within the block, the wrapped model holds timm's own attention modules again (see ``__init__``)."""
+        swapped = []
+        try:
+            for path, original in self._timm_attention:
+                parent_name, _, attr = path.rpartition(".")
+                parent = self.vit.get_submodule(parent_name)
+                swapped.append((parent, attr, getattr(parent, attr)))
+                setattr(parent, attr, original)
+            yield
+        finally:
+            for parent, attr, current in swapped:
+                setattr(parent, attr, current)
 
     @staticmethod
     def _recorded_args(vit: nn.Module) -> Dict[str, Any]:
@@ -236,6 +329,21 @@ class MCLViT(nn.Module):
         return {k: v for k, v in args.items() if k not in _DROP_ARGS and not k.endswith("_drop_rate")}
 
     # ---- timm-compatible attributes ----
+
+    @property
+    def packed(self) -> bool:
+        """Whether :meth:`forward` runs the branches as one packed sequence (see the class docstring)."""
+        return self._packed
+
+    @packed.setter
+    def packed(self, value: bool) -> None:
+        _check_packed(value)
+        if value and not self._packable:
+            # timm's attention would attend across the branches: a silently different model.
+            raise ValueError("this MCLViT was built with packed=False, so its attention modules are timm's, which "
+                             "attend across the packed branches; build it with packed=True (create_model(..., "
+                             "packed=True) or MCLViT.from_timm(..., packed=True))")
+        self._packed = value
 
     @property
     def num_classes(self) -> int:
@@ -282,6 +390,9 @@ class MCLViT(nn.Module):
         if self.is_deployed:
             return self.vit(x)
         tokens = self.vit.patch_embed(x)
+        if self.packed:
+            large, small, recon = self._packed_branches(tokens.small, tokens.large, tokens.recon)
+            return MCLOutput(large, small, recon, tokens.small, tokens.recon)
         B = x.shape[0]
         large = self._branch(tokens.large, self.vit.pos_embed if self._has_pos else None)
         if tokens.recon is None:
@@ -291,6 +402,32 @@ class MCLViT(nn.Module):
             both = self._branch(torch.cat([tokens.small, tokens.recon], dim=0), self.pos_embed_small)
             small, recon = both[:B], both[B:]
         return MCLOutput(large, small, recon, tokens.small, tokens.recon)
+
+    def _packed_branches(self, small: Tensor, large: Tensor, recon: Optional[Tensor]
+                         ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """Patch tokens ``small [B, Ns, D]``, ``large [B, Nl, D]``, ``recon [B, Ns, D]`` (or None) -> their logits
+        ``[B, num_classes]``, through the blocks as one packed sequence ``[B, Ns' + Nl' + Ns', D]``."""
+        vit = self.vit
+        branches = [(small, self.pos_embed_small), (large, vit.pos_embed if self._has_pos else None)]
+        if recon is not None:
+            branches.append((recon, self.pos_embed_small))
+        # Prefix, position embedding and patch dropout per branch (patch dropout keeps a fixed count per branch);
+        # the segment lengths are read after it.
+        seqs = [vit.patch_drop(self._vit_prefix_and_pos(t, pos)) for t, pos in branches]
+        seqlens = [int(s.shape[1]) for s in seqs]
+        x = vit.norm_pre(torch.cat(seqs, dim=1))
+        if vit.grad_checkpointing and not torch.jit.is_scripting():
+            from torch.utils.checkpoint import checkpoint
+            # Each block's recomputation in the backward must attend packed too: the packing is set inside the
+            # checkpointed function, not around it (it is gone by the time the backward runs).
+            for blk in vit.blocks:
+                x = checkpoint(_run_packed, blk, x, seqlens, use_reentrant=False)
+        else:
+            with packed_segments(vit.blocks, seqlens):
+                x = vit.blocks(x)
+        x = vit.norm(x)
+        logits = [vit.forward_head(part) for part in x.split(seqlens, dim=1)]
+        return logits[1], logits[0], (logits[2] if recon is not None else None)
 
     def forward_large(self, x: Tensor) -> Tensor:
         """Logits ``[B, num_classes]`` of the large-patch branch only, computed as the deployed ``fast`` model
@@ -426,10 +563,12 @@ class MCLViT(nn.Module):
         else:
             weight, bias, pos, patch = pe.proj.weight, pe.proj.bias, self.pos_embed_small, self.small_patch
         has_bias = self._embed_bias
-        # Copy the timm model without the MCL embedding (swapped out for the copy, then put back).
+        # Copy the timm model without the MCL embedding (swapped out for the copy, then put back) and with timm's
+        # own attention modules (a packed model's MCLAttention share their parameters).
         self.vit.patch_embed = nn.Identity()
         try:
-            deployed = copy.deepcopy(self.vit)
+            with self._timm_attention_installed():
+                deployed = copy.deepcopy(self.vit)
         finally:
             self.vit.patch_embed = pe
         new_pe = PatchEmbed(self.img_size, patch, self.in_chans, self.embed_dim, bias=has_bias,
@@ -468,7 +607,18 @@ class MCLViT(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"family={self.family!r}, small_patch={self.small_patch}, large_patch={self.large_patch}, "
-                f"img_size={self.img_size}, decompress={self.has_decompress}, tied_decompress={self.tied_decompress}")
+                f"img_size={self.img_size}, decompress={self.has_decompress}, tied_decompress={self.tied_decompress}, "
+                f"packed={self.packed}")
+
+
+def _run_packed(blk: nn.Module, x: Tensor, seqlens: Sequence[int]) -> Tensor:
+    with packed_segments(blk, seqlens):
+        return blk(x)
+
+
+def _check_packed(packed) -> None:
+    if not isinstance(packed, bool):
+        raise TypeError(f"packed must be True or False, got {packed!r}")
 
 
 def _check_mode(mode: str) -> None:
