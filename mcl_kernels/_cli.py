@@ -146,11 +146,15 @@ def model_config(args: argparse.Namespace, num_classes: int) -> Dict[str, Any]:
             "in_chans": int(args.in_chans), "kwargs": kwargs}
 
 
-def build_model(cfg: Dict[str, Any], backend: str = "auto") -> torch.nn.Module:
-    """The MCL model ``cfg`` describes (see :func:`model_config`)."""
+def build_model(cfg: Dict[str, Any], backend: str = "auto", packed: bool = False) -> torch.nn.Module:
+    """The MCL model ``cfg`` describes (see :func:`model_config`). ``packed`` changes how the branches run,
+    not the weights, so it is not part of ``cfg``."""
     from .models import create_model
+    kwargs = dict(cfg["kwargs"])
+    if packed:
+        kwargs["packed"] = True
     return create_model(cfg["name"], num_classes=cfg["num_classes"], img_size=cfg["img_size"],
-                        in_chans=cfg["in_chans"], backend=backend, **cfg["kwargs"])
+                        in_chans=cfg["in_chans"], backend=backend, **kwargs)
 
 
 def load_torchscript(path: str, device) -> torch.nn.Module:

@@ -39,7 +39,7 @@ from .loss import RECON_LOSSES
 DEFAULT_MODEL = "mcl_deit_tiny_patch32_224"
 # Options a resumed run may change: how it runs, not what it computes.
 RUNTIME_OPTIONS = {"resume", "output", "workers", "device", "dist_backend", "backend", "compile", "progress",
-                   "log_interval", "ckpt_every_steps", "data_dir"}
+                   "log_interval", "ckpt_every_steps", "data_dir", "packed"}
 # Filled per dataset from _cli.DATASET_DEFAULTS when not given.
 DATASET_KEYS = ("img_size", "fit", "epochs", "batch_size", "warmup_epochs", "scale_min", "aa", "reprob", "mixup",
                 "cutmix", "drop_path", "crop_pct")
@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=DEFAULT_MODEL, help=f"MCL model name (default {DEFAULT_MODEL}; see "
                    "mcl_kernels.models.list_models(): mcl_deit_{tiny,small,base}_patch32_224, mcl_convit_...)")
     g.add_argument("--backend", default="auto", help="mcl_kernels kernel backend: auto, reference, cpu, cuda, triton")
+    g.add_argument("--packed", action="store_true",
+                   help="run the three branches as one block-diagonal sequence through the blocks (same results; "
+                        "one pass, for GPUs; DeiT/ViT blocks only, not ConViT)")
     g.add_argument("--embed-dim", type=int, default=None, help="override the model's width")
     g.add_argument("--depth", type=int, default=None, help="override the number of blocks")
     g.add_argument("--num-heads", "--heads", dest="num_heads", type=int, default=None,
@@ -211,7 +214,7 @@ class Trainer:
         # Model: the same initial weights on every rank (seeded), then rank-specific randomness (drop-path).
         self.model_config = _cli.model_config(args, self.num_classes)
         set_seed(args.seed)
-        self.model = _cli.build_model(self.model_config, args.backend).to(dev)
+        self.model = _cli.build_model(self.model_config, args.backend, packed=args.packed).to(dev)
         self.ema = None
         if args.ema:
             from timm.utils import ModelEmaV3
