@@ -1,9 +1,10 @@
-"""The fused Triton `mcl_embed` kernel (pixels -> S, L, R in one launch) against the reference, called
-directly and through the public API with ``backend="triton"`` (whose backward is
-tests/test_triton_mcl_embed_backward.py's subject).
+"""The fused Triton `mcl_embed` forward (kernel A: pixels -> S and L, D-tiled; kernel B: R) against the
+reference, called directly and through the public API with ``backend="triton"`` (whose backward is
+tests/test_triton_mcl_embed_backward.py's subject), and its on-chip budget helper (pure Python: which tilings a
+GPU is offered).
 
-On CPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py), so the shapes are
-small; the real ViT shape runs only on a CUDA device.
+On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py) with 16-wide D tiles, so
+test widths span several D tiles; the real ViT shapes and widths run only on a CUDA device.
 """
 import pytest
 import torch
@@ -14,16 +15,18 @@ from mcl_kernels import backends
 from mcl_kernels.reference import mcl_embed as reference
 
 pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
+from mcl_kernels.triton import mcl_embed as kernel_module  # noqa: E402
 from mcl_kernels.triton.mcl_embed import mcl_embed as triton_mcl_embed  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the GPU shape runs only on one")
 
-# (B, C, H, W, p, k, D). The interpreter's tile is 16 large tokens x next_power_of_2(D) x 32 K.
+# (B, C, H, W, p, k, D). The interpreter's tile is 16 large tokens x 16 columns of D x 16 pixels (K).
 SHAPES = [
-    (2, 3, 16, 24, 4, 2, 20),   # non-square; K = 48 (ragged K tile); D = 20 (BLOCK_D = 32, masked)
-    (1, 2, 12, 18, 2, 3, 16),   # batch 1; k = 3; K = 8 (less than one K tile); D = 16 exactly one dot tile
-    (3, 1, 24, 12, 3, 2, 40),   # K = 9; D = 40 (BLOCK_D = 64); 24 large tokens: two programs, image 1 mid-tile
-    (1, 1, 28, 28, 14, 2, 16),  # patch 14: K = 196
+    (2, 3, 16, 24, 4, 2, 20),   # non-square; K = 48; D = 20: two D tiles, the second ragged (phase 2 runs)
+    (1, 2, 12, 18, 2, 3, 16),   # batch 1; k = 3; K = 8 (less than one K tile); D = 16: exactly one D tile
+    (3, 1, 24, 12, 3, 2, 40),   # K = 9; D = 40: three D tiles; 24 large tokens: two programs, image 1 mid-tile
+    (1, 1, 28, 28, 14, 2, 16),  # patch 14: K = 196 (13 K steps, ragged)
+    (1, 2, 18, 36, 3, 3, 48),   # k = 3, non-square; D = 48: three full D tiles; K = 18
 ]
 VARIANTS = ["untied", "tied", "nodecomp", "nobias"]
 LAYOUTS = ["contiguous", "channels_last", "sliced"]
@@ -66,9 +69,13 @@ def fp32_atol(inputs):
 NAMES = ("S", "L", "R")
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+# Every shape x variant; the image layouts on all but the largest (the layouts only change pixel addressing).
+FLOAT32_CASES = [(s, v, lay) for s in SHAPES for v in VARIANTS for lay in (LAYOUTS if s is not SHAPES[-1]
+                                                                            else ["channels_last"])]
+
+
+@pytest.mark.parametrize("shape,variant,layout", FLOAT32_CASES,
+                         ids=[f"{shape_id(s)}-{v}-{lay}" for s, v, lay in FLOAT32_CASES])
 def test_float32_matches_reference(shape, variant, layout):
     inputs = make_inputs(shape, variant, layout)
     out = triton_mcl_embed(*inputs)
@@ -112,7 +119,7 @@ def test_float64_accumulates_in_float64(variant):
 
 @pytest.mark.parametrize("variant", ["untied", "tied"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1]], ids=shape_id)
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[2]], ids=shape_id)
 def test_low_precision_within_twice_torch_error(shape, dtype, variant):
     """Judged against PyTorch's own error: the reference in ``dtype`` vs the reference in float32, both from
     the same ``dtype`` inputs."""
@@ -125,6 +132,85 @@ def test_low_precision_within_twice_torch_error(shape, dtype, variant):
         torch_err = (t.float() - e).abs().max().item()
         our_err = (o.float() - e).abs().max().item()
         assert our_err <= 2 * torch_err + 1e-3, f"{dtype} {name}: error {our_err:.3g} vs torch's own {torch_err:.3g}"
+
+
+@pytest.mark.parametrize("blocks", [
+    {"BLOCK_L": 16, "BLOCK_D": 32, "BLOCK_K": 32},   # D = 40: two D tiles of 32
+    {"BLOCK_L": 32, "BLOCK_D": 64, "BLOCK_K": 16},   # one D tile: phase 2 has nothing to do; one program
+], ids=["D32", "D64"])
+@pytest.mark.parametrize("variant", ["untied", "tied"])
+def test_results_do_not_depend_on_the_tiling(monkeypatch, blocks, variant):
+    """Other D and row tiles give the same S, L, R (up to fp32 summation order) as the default 16-wide tiles,
+    whatever the number of D tiles: the phase-2 reads of S agree with phase 1's on-chip S."""
+    inputs = make_inputs(SHAPES[2], variant, "channels_last")
+    default = triton_mcl_embed(*inputs)
+    monkeypatch.setattr(kernel_module, "INTERPRETER_BLOCKS", blocks)
+    other = triton_mcl_embed(*inputs)
+    expected = [e.float() for e in reference(*converted(inputs, torch.float64))]
+    for name, a, b, e in zip(NAMES, other, default, expected):
+        assert_close(f"{blocks} {name}", a, e, atol=fp32_atol(inputs), rtol=1e-5)
+        assert_close(f"{blocks} vs default {name}", a, b, atol=fp32_atol(inputs), rtol=1e-5)
+
+
+# ---- on-chip budget: the tilings a GPU is offered (pure Python) ------------------------------------------
+
+WIDTHS = [192, 384, 768, 1024]  # DeiT-Ti/S/B and ViT-L
+GPUS = sorted(kernel_module.SMEM_PER_BLOCK.items())
+
+
+@pytest.mark.parametrize("gpu,smem", GPUS, ids=[g for g, _ in GPUS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("D", WIDTHS)
+def test_budget_offers_only_tilings_that_fit(gpu, smem, dtype, D):
+    chosen = kernel_module.choose(kernel_module.GPU_TILINGS, D, dtype, smem)
+    assert chosen, f"{gpu} {dtype} D={D}: no tiling offered"
+    for t in chosen:
+        need = kernel_module.on_chip(t, dtype)
+        assert need.smem_bytes <= smem, f"{gpu} {dtype} D={D} {t}: {need.smem_bytes} B > {smem} B"
+        assert need.tile_words_per_thread <= kernel_module.MAX_TILE_WORDS_PER_THREAD, f"{t}: {need} (spills)"
+        assert D % t.block_d == 0, f"{t}: D tile {t.block_d} pads D = {D}"
+        assert t.block_d >= 64 or dtype == torch.float64, f"{t}: narrow D tile offered although wider ones fit"
+        assert t.block_l >= 16 and t.block_d >= 16 and t.block_k >= 16  # tl.dot's minimum
+    assert chosen[0] == kernel_module.GPU_TILINGS[0] or dtype == torch.float64  # the default wherever it fits
+    # The footprint is per program, independent of D: every multiple of 128 is offered the same tilings.
+    if D % 128 == 0:
+        assert chosen == kernel_module.choose(kernel_module.GPU_TILINGS, 128, dtype, smem)
+
+
+def test_budget_specific_choices():
+    """A few choices worked out by hand from the documented formulas."""
+    km, bf16, f32 = kernel_module, torch.bfloat16, torch.float32
+    h100, a100 = km.SMEM_PER_BLOCK["H100"], km.SMEM_PER_BLOCK["A100"]
+    # The default (64, 64, 16, 3 stages, 8 warps) in bf16: phase 1 = 3·(64·16 + 16·64)·2 + (64·64 + 64·64)·2
+    # = 28 KB, phase 2 = 3·(64·64 + 64·64)·2 = 48 KB, epilogue scratch 64·64·4 = 16 KB -> 64 KB; tile words
+    # (2·64·64 + 64·16 + 16·64 + 64·64) / 256 threads = 56.
+    default = km.Tiling(64, 64, 16, 3, 8)
+    assert km.on_chip(default, bf16) == km.OnChip(64 * 1024, 56)
+    assert km.choose(km.GPU_TILINGS, 768, bf16, h100)[0] == default == km.choose(km.GPU_TILINGS, 384, f32, a100)[0]
+    # Tiles that fit in shared memory but spill registers (measured: tests/test_triton_compile.py's calibration).
+    for big in (km.Tiling(64, 64, 64, 3, 4), km.Tiling(128, 128, 32, 2, 8), km.Tiling(64, 128, 32, 3, 8)):
+        assert km.on_chip(big, bf16).smem_bytes <= h100 and not km.fits(big, bf16, h100), big
+    # Sixteen warps leave 128 registers per thread: the default tile doubled in rows is too many words there.
+    assert km.register_cap(16) == 128 and not km.fits(km.Tiling(128, 64, 16, 3, 16), bf16, h100)
+    # D = 192: only 64-wide D tiles; D = 20 and D = 96 (96 % 64 = 32): only 32-wide ones.
+    assert {t.block_d for t in km.choose(km.GPU_TILINGS, 192, bf16, h100)} == {64}
+    assert {t.block_d for t in km.choose(km.GPU_TILINGS, 20, bf16, h100)} == {32}
+    assert {t.block_d for t in km.choose(km.GPU_TILINGS, 96, bf16, h100)} == {32}
+    # float64 (two words per accumulator element): only the 32-wide D tiles; a device too small for any says so.
+    assert {t.block_d for t in km.choose(km.GPU_TILINGS, 768, torch.float64, a100)} == {32}
+    with pytest.raises(RuntimeError, match="no tiling of the fused mcl_embed kernel fits 8192 bytes"):
+        km.choose(km.GPU_TILINGS, 768, f32, 8 * 1024)
+
+
+def test_autotuner_prune_offers_what_choose_picks(monkeypatch):
+    """The autotuner's prune hook: arguments by position or by name, configs filtered for the device's budget."""
+    monkeypatch.setattr(kernel_module, "smem_limit", lambda device: kernel_module.SMEM_PER_BLOCK["A100"])
+    configs = [kernel_module._config(t) for t in kernel_module.GPU_TILINGS]
+    x = torch.empty(1, dtype=torch.float32)
+    want = kernel_module.choose(kernel_module.GPU_TILINGS, 384, torch.float32, kernel_module.SMEM_PER_BLOCK["A100"])
+    for named, kwargs in (({"x_ptr": x, "D": 384}, {}), ({}, {"x_ptr": x, "D": 384})):
+        kept = kernel_module._prune(configs, named, **kwargs)
+        assert [kernel_module._tiling(c) for c in kept] == want
 
 
 # ---- through the public API -------------------------------------------------------------------------------
@@ -195,6 +281,34 @@ def test_cuda_bfloat16_at_vit_shape_within_twice_torch_error(variant):
         torch_err = (t.float() - e).abs().max().item()
         our_err = (o.float() - e).abs().max().item()
         assert our_err <= 2 * torch_err + 1e-3, f"bf16 {name}: error {our_err:.3g} vs torch's own {torch_err:.3g}"
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("D", [384, 768, 1024])
+def test_cuda_wide_widths_compile_and_match(dtype, D):
+    """DeiT-S/B and ViT-L widths: every tiling the budget offers compiles on this GPU (the autotuner tries them
+    all) and the result matches the reference; then deterministic mode's fixed tiling, twice, bitwise equal."""
+    inputs = make_inputs((2, 3, 64, 96, 16, 2, D), "untied", "channels_last", dtype=dtype, device="cuda")
+    exact = reference(*converted(inputs, torch.float32))
+    theirs = reference(*inputs)
+
+    def check(out, label):
+        for name, o, t, e in zip(NAMES, out, theirs, exact):
+            torch_err = (t.float() - e).abs().max().item()
+            our_err = (o.float() - e).abs().max().item()
+            slack = 1e-3 if dtype != torch.float32 else 5e-3 * e.abs().max().item()  # fp32: TF32 may be on
+            assert our_err <= 2 * torch_err + slack, f"{label} {dtype} D={D} {name}: {our_err:.3g} vs {torch_err:.3g}"
+
+    check(triton_mcl_embed(*inputs), "autotuned")
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [triton_mcl_embed(*inputs) for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    check(runs[0], "deterministic")
+    for name, a, b in zip(NAMES, *runs):
+        assert torch.equal(a, b), name
 
 
 @needs_cuda

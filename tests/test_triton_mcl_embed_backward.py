@@ -13,7 +13,7 @@ from helpers import assert_close
 from mcl_kernels import backends, reference
 
 pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
-from mcl_kernels.triton import mcl_embed_backward as kernel_module  # noqa: E402
+from mcl_kernels.triton import gathered_gemm as kernel_module  # noqa: E402  (the split reduction lives there)
 from mcl_kernels.triton.mcl_embed_backward import mcl_embed_backward as triton_backward  # noqa: E402
 from test_triton_mcl_embed import SHAPES, make_inputs, shape_id  # noqa: E402
 

@@ -12,28 +12,12 @@ With ``G = group(S)``, ``Gr = group(gR)`` (``[B·Hl·Wl, k²D]``) and ``X`` the 
  6    ``gW_d = Gr^T @ L``,   ``gb_d = Σ_rows Gr``           ``[k²D, D]``, ``[k²D]``
 ====  =====================================================  =============================================
 
-All six run through one kernel, :func:`_gemm_kernel`: a tiled ``C[M, N] = Σ_r A[m, r]·B[r, n]`` whose
-operands are addressed, not copied: an operand is a "token" axis and a "feature" axis, and its mode says
-how each maps to memory -- a strided matrix (``PLAIN``), the grouped view of small tokens
-(``GROUPED``: token ``(i, j)``, feature ``(u·k+v)·D + d`` -> small token ``(i·k+u, j·k+v)``), the patch
-matrix of an image (``IM2COL``, through the image's strides, so channels_last and sliced images cost no
-copy), or a patch-embedding weight seen as ``[D, C·p·p]`` (``PATCH_W``). Transposes are the same operand
-with its token axis on the other side of the tile. So ``group``, ``ungroup``, ``unpatchify`` and im2col
-never touch memory as separate passes, the upstream gradients are read where they lie (any strides), and
-the additions of ``gL`` / ``gS`` happen in the GEMM epilogue.
-
-Weight-gradient reduction (GEMMs 4-6 reduce over all ``B·N`` tokens), deterministic by construction:
-the token rows are cut into ``SPLIT`` fixed contiguous ranges; program ``(tile, s)`` reduces range ``s``
-for one ``[BLOCK_M, BLOCK_N]`` output tile in a fixed order and writes its fp32 partial to its own slot of
-a ``[SPLIT, M, N]`` buffer (no atomics, nothing shared between programs); the bias gradients are the row
-sums of the same ``A`` tiles, written by the programs of the first column tile to ``[SPLIT, M]``. Then
-:func:`_sum_splits_kernel` adds the ``SPLIT`` partials of each element in order ``0..SPLIT-1`` and rounds
-once to the parameter dtype. ``SPLIT`` is chosen from the token count, the output tile count and the
-GPU's SM count (enough programs to fill the GPU when the output is small, as ``[D, C·p·p]`` is), so the
-same inputs on the same GPU model give the same bits. Deterministic mode
-(``torch.use_deterministic_algorithms(True)``) also pins the tiling to one fixed config instead of the
-autotuner's choice, which could differ between processes (a different ``BLOCK_R`` changes the order of
-the additions): results are then bitwise reproducible across runs and processes on one GPU model.
+Steps 1, 2, 5 and 6 are the backward of the compression level on ``S``, shared with the token-level op
+(:func:`mcl_compress.level_backward`, ``gS`` added in step 2's epilogue); steps 3 and 4 are the patch
+embedding's. All six GEMMs run through the one gathered GEMM of `gathered_gemm.py`, whose operand modes
+address ``group``/``ungroup``, im2col/``unpatchify`` and the patch weight in place (no copies; upstream
+gradients read through their strides) and whose weight-gradient reduction is deterministic by construction
+(per-split partials summed in a fixed order; one fixed tiling under ``torch.use_deterministic_algorithms``).
 
 Rounding: intermediate gradients ``gLt`` and ``gT`` are stored in the input dtype (bf16 MMA operands for
 the weight-gradient GEMMs on a GPU; the same rounding points as PyTorch's autograd); every GEMM
@@ -45,289 +29,13 @@ are the forward's saved outputs (``G`` and GEMM 6 read them). An absent upstream
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
 
-from .utils import input_precision, launch, patch_offsets, round_to
-
-# Operand modes (how a token index and a feature index map to memory; see the module docstring).
-PLAIN, GROUPED, IM2COL, PATCH_W = 0, 1, 2, 3
-
-
-@triton.jit
-def _token_offsets(t, MODE: tl.constexpr, s0, s1, s2, s3, NL, WL, NS, WS, KF: tl.constexpr, P: tl.constexpr):
-    """Memory offsets of token rows ``t`` (int64) of an operand in ``MODE``."""
-    if MODE == 1:  # GROUPED: large token t = (img, i, j) -> its first small token (i·k, j·k) in [B, Ns, D]
-        img = t // NL
-        n = t % NL
-        off = img * s0 + ((n // WL) * WS + n % WL) * KF * s1
-    elif MODE == 2:  # IM2COL: small token t = (img, gi, gj) -> the top-left pixel of its patch in [B, C, H, W]
-        img = t // NS
-        n = t % NS
-        off = img * s0 + (n // WS) * P * s2 + (n % WS) * P * s3
-    else:  # PLAIN and PATCH_W: a strided row
-        off = t * s0
-    return off
-
-
-@triton.jit
-def _feature_offsets(f, MODE: tl.constexpr, s0, s1, s2, s3, WS, DW, KF: tl.constexpr, P: tl.constexpr):
-    """Memory offsets of feature columns ``f`` (int64) of an operand in ``MODE``, relative to its token row."""
-    if MODE == 1:  # GROUPED: feature (u·k + v)·D + d -> small token (u, v) of the group, channel d
-        uv = f // DW
-        off = ((uv // KF) * WS + uv % KF) * s1 + (f % DW) * s2
-    elif MODE == 0:
-        off = f * s1
-    else:  # IM2COL and PATCH_W: pixel (c, a, b) of a patch, flattened like weight.reshape(D, C·p·p)
-        off = patch_offsets(f, P, s1, s2, s3)
-    return off
-
-
-@triton.jit
-def _tile_offsets(i0, i1, MODE: tl.constexpr, TOK_AXIS: tl.constexpr, s0, s1, s2, s3, NL, WL, NS, WS, DW,
-                  KF: tl.constexpr, P: tl.constexpr):
-    """2-D offsets of the tile ``(i0, i1)`` of an operand whose token axis is tile axis ``TOK_AXIS``."""
-    if TOK_AXIS == 0:
-        off = (_token_offsets(i0, MODE, s0, s1, s2, s3, NL, WL, NS, WS, KF, P)[:, None]
-               + _feature_offsets(i1, MODE, s0, s1, s2, s3, WS, DW, KF, P)[None, :])
-    else:
-        off = (_feature_offsets(i0, MODE, s0, s1, s2, s3, WS, DW, KF, P)[:, None]
-               + _token_offsets(i1, MODE, s0, s1, s2, s3, NL, WL, NS, WS, KF, P)[None, :])
-    return off
-
-
-@triton.jit
-def _gemm_kernel(
-    a_ptr, b_ptr, c_ptr, add_ptr, bias_ptr,
-    M, N, R, ROWS_PER_SPLIT,
-    sa0, sa1, sa2, sa3, sb0, sb1, sb2, sb3, sc0, sc1, sc2, sc3, sd0, sd1, sd2, sd3, s_c_split,
-    NL, WL, NS, WS, DW,
-    A_MODE: tl.constexpr, A_TOK: tl.constexpr, B_MODE: tl.constexpr, B_TOK: tl.constexpr, C_MODE: tl.constexpr,
-    KF: tl.constexpr, P: tl.constexpr,
-    HAS_DOT: tl.constexpr, HAS_ADD: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, BF16_RTNE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    # Program (tile, split): output tile [BLOCK_M, BLOCK_N], reduced over rows [split·RPS, (split+1)·RPS) ∩ [0, R).
-    # The N tiles of one M tile are neighbours, so they run together and share the A rows through L2.
-    pid = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1).to(tl.int64)
-    if HAS_DOT:
-        num_pid_n = tl.cdiv(N, BLOCK_N)
-    else:
-        num_pid_n = 1  # bias gradients only: one program per M tile, no output columns
-    pid_m = pid // num_pid_n
-    pid_n = pid % num_pid_n
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-
-    r_start = split * ROWS_PER_SPLIT
-    r_end = tl.minimum(r_start + ROWS_PER_SPLIT, R)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    row_sum = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
-    for i in range(0, tl.cdiv(r_end - r_start, BLOCK_R)):
-        offs_r = r_start + i * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-        mask_r = offs_r < r_end
-        a = tl.load(a_ptr + _tile_offsets(offs_m, offs_r, A_MODE, A_TOK, sa0, sa1, sa2, sa3, NL, WL, NS, WS, DW,
-                                          KF, P),
-                    mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        if HAS_BIAS:
-            row_sum += tl.sum(a.to(ACC_DTYPE), axis=1)
-        if HAS_DOT:
-            b = tl.load(b_ptr + _tile_offsets(offs_r, offs_n, B_MODE, B_TOK, sb0, sb1, sb2, sb3, NL, WL, NS, WS,
-                                              DW, KF, P),
-                        mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-            if DOT_IN_FP32:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-
-    if HAS_BIAS:
-        # The bias gradient is the row sum of A: one partial per (M tile, split), from the first column tile.
-        tl.store(bias_ptr + split * M + offs_m, row_sum, mask=mask_m & (pid_n == 0))
-    if HAS_DOT:
-        mask_mn = mask_m[:, None] & mask_n[None, :]
-        if HAS_ADD:
-            acc += tl.load(add_ptr + _tile_offsets(offs_m, offs_n, C_MODE, 0, sd0, sd1, sd2, sd3, NL, WL, NS, WS,
-                                                   DW, KF, P), mask=mask_mn, other=0.0).to(ACC_DTYPE)
-        c_off = _tile_offsets(offs_m, offs_n, C_MODE, 0, sc0, sc1, sc2, sc3, NL, WL, NS, WS, DW, KF, P)
-        tl.store(c_ptr + split * s_c_split + c_off, round_to(acc, c_ptr.dtype.element_ty, BF16_RTNE), mask=mask_mn)
-
-
-@triton.jit
-def _sum_splits_kernel(p_ptr, out_ptr, numel, SPLIT, ACC_DTYPE: tl.constexpr, BF16_RTNE: tl.constexpr,
-                       BLOCK: tl.constexpr):
-    # The fixed-order end of the weight-gradient reduction: out[e] = Σ_{s = 0..SPLIT-1} partial[s, e].
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < numel
-    acc = tl.zeros((BLOCK,), dtype=ACC_DTYPE)
-    ptrs = p_ptr + offs
-    for _ in range(0, SPLIT):
-        acc += tl.load(ptrs, mask=mask, other=0.0)
-        ptrs += numel  # pointer arithmetic is 64-bit: no int32 product split·numel
-    tl.store(out_ptr + offs, round_to(acc, out_ptr.dtype.element_ty, BF16_RTNE), mask=mask)
-
-
-# GPUs: GEMM tilings, tuned once per problem (sizes, rows per split and operand modes). The data-gradient GEMMs
-# (1-3) have short reductions (D or k²D) and tall outputs; the weight-gradient ones (4-6) the opposite.
-_GPU_CONFIGS = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_R": 32}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_R": 32}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_R": 32}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_R": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_R": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_R": 64}, num_warps=4, num_stages=4),
-]
-_TUNE_KEY = ["M", "N", "R", "ROWS_PER_SPLIT", "A_MODE", "A_TOK", "B_MODE", "B_TOK", "C_MODE", "HAS_DOT"]
-_gemm_autotuned = triton.autotune(configs=_GPU_CONFIGS, key=_TUNE_KEY)(_gemm_kernel)
-# Deterministic mode on a GPU: one fixed tiling, so the order of additions never depends on a timing.
-_DETERMINISTIC_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_R": 32, "num_warps": 4, "num_stages": 3}
-
-# Triton's interpreter (CPU tensors, TRITON_INTERPRET=1): one small tiling, and short row ranges per split so
-# that test-sized problems already reduce over several splits (with a ragged last one).
-_INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_R": 16}
-INTERPRETER_ROWS_PER_SPLIT = 40
-_SUM_BLOCK = {"gpu": 1024, "interpreter": 256}
-
-
-class _Operand(NamedTuple):
-    """A GEMM operand addressed in place: tensor, mode, which tile axis is its token axis, four strides."""
-    t: Tensor
-    mode: int
-    tok: int
-    strides: Tuple[int, int, int, int]
-
-
-def _plain(t: Tensor, tok: int = 0) -> _Operand:
-    """A matrix ``[rows, cols]`` (any strides; ``[B, N, D]`` token tensors flattened to ``[B·N, D]``) whose
-    rows sit on tile axis ``tok``."""
-    m = t.reshape(-1, t.shape[-1])  # a view unless the strides cannot merge (e.g. an expanded gradient)
-    return _Operand(m, PLAIN, tok, (m.stride(0), m.stride(1), 0, 0))
-
-
-def _grouped(t: Tensor, tok: int = 0) -> _Operand:
-    """Small tokens ``[B, Ns, D]`` seen as grouped ``[B·Nl, k²D]`` rows."""
-    return _Operand(t, GROUPED, tok, (t.stride(0), t.stride(1), t.stride(2), 0))
-
-
-def _image(x: Tensor) -> _Operand:
-    """An image ``[B, C, H, W]`` seen as its patch matrix ``[B·Ns, C·p·p]``."""
-    return _Operand(x, IM2COL, 0, tuple(x.stride()))
-
-
-def _patch_weight(w: Tensor) -> _Operand:
-    """A patch-embedding weight ``[D, C, p, p]`` seen as ``[D, C·p·p]``."""
-    return _Operand(w, PATCH_W, 0, tuple(w.stride()))
-
-
-class _Geometry(NamedTuple):
-    NL: int
-    WL: int
-    NS: int
-    WS: int
-    DW: int
-    KF: int
-    P: int
-
-
-def _on_gpu(t: Tensor) -> bool:
-    return t.device.type == "cuda"
-
-
-def _flags(dtype: torch.dtype, out_dtype: torch.dtype, on_gpu: bool) -> dict:
-    # Triton's interpreter multiplies bfloat16 dot operands as their raw uint16 bits (triton-lang/triton#11584):
-    # there the tiles go through the dot as fp32 (exact for bf16 values, fp32-accumulated like the GPU's bf16
-    # dot), and the fp32 -> bf16 cast, which it truncates, is rounded to nearest even on the bits.
-    dot_in_fp32 = not on_gpu and dtype == torch.bfloat16
-    return dict(ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
-                INPUT_PRECISION="ieee" if dot_in_fp32 else input_precision(dtype), DOT_IN_FP32=dot_in_fp32,
-                BF16_RTNE=not on_gpu and out_dtype == torch.bfloat16)
-
-
-def _launch_gemm(a: _Operand, b: Optional[_Operand], c: Optional[_Operand], add: Optional[_Operand],
-                 bias: Optional[Tensor], M: int, N: int, R: int, geo: _Geometry, split: int, rows_per_split: int,
-                 s_c_split: int) -> None:
-    on_gpu = _on_gpu(a.t)
-    has_dot = c is not None
-    if M == 0 or (has_dot and N == 0):
-        return
-    dummy = a.t  # stands in for absent operands; never read (HAS_* is False)
-    b = b if b is not None else a
-    args = (a.t, b.t, c.t if has_dot else dummy, add.t if add is not None else dummy,
-            bias if bias is not None else dummy,
-            M, N, R, rows_per_split,
-            *a.strides, *b.strides, *(c.strides if has_dot else (0,) * 4),
-            *(add.strides if add is not None else (0,) * 4), s_c_split,
-            geo.NL, geo.WL, geo.NS, geo.WS, geo.DW)
-    out_dtype = c.t.dtype if has_dot else torch.float32
-    flags = dict(A_MODE=a.mode, A_TOK=a.tok, B_MODE=b.mode, B_TOK=b.tok,
-                 C_MODE=c.mode if has_dot else PLAIN, KF=geo.KF, P=geo.P,
-                 HAS_DOT=has_dot, HAS_ADD=add is not None, HAS_BIAS=bias is not None,
-                 **_flags(a.t.dtype, out_dtype, on_gpu))
-
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * (triton.cdiv(N, meta["BLOCK_N"]) if has_dot else 1), split)
-
-    if not on_gpu:
-        launch(_gemm_kernel)[grid(_INTERPRETER_BLOCKS)](*args, **flags, **_INTERPRETER_BLOCKS)
-    elif torch.are_deterministic_algorithms_enabled():
-        launch(_gemm_kernel)[grid(_DETERMINISTIC_CONFIG)](*args, **flags, **_DETERMINISTIC_CONFIG)
-    else:
-        launch(_gemm_autotuned)[grid](*args, **flags)
-
-
-def plan_splits(rows: int, M: int, N: int, device: torch.device) -> Tuple[int, int]:
-    """``(SPLIT, rows_per_split)`` for a weight-gradient GEMM reducing ``rows`` token rows into ``[M, N]``.
-
-    GPU: enough (tile, split) programs to give every SM two (counting 64x64 tiles), but at least 256 rows
-    per split so each program amortizes its partial store. Interpreter: a short fixed range, so test-sized
-    problems reduce over several splits."""
-    if rows <= 0:
-        return 1, 0
-    if device.type != "cuda":
-        per = INTERPRETER_ROWS_PER_SPLIT
-    else:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        tiles = triton.cdiv(M, 64) * triton.cdiv(max(N, 1), 64)
-        split = max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(rows, 256)))
-        per = triton.cdiv(rows, split)
-    return triton.cdiv(rows, per), per
-
-
-def _weight_grad(a: _Operand, b: Optional[_Operand], M: int, N: int, rows: int, geo: _Geometry, want_w: bool,
-                 want_b: bool, dtype: torch.dtype) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-    """``(A @ B [M, N], Σ_r A [M])`` reduced over ``rows`` through per-split partials (module docstring)."""
-    if not (want_w or want_b):
-        return None, None
-    device = a.t.device
-    split, per = plan_splits(rows, M, N, device)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    part_w = torch.empty((split, M, N), dtype=acc, device=device) if want_w else None
-    part_b = torch.empty((split, M), dtype=acc, device=device) if want_b else None
-    _launch_gemm(a, b if want_w else None, _Operand(part_w, PLAIN, 0, (N, 1, 0, 0)) if want_w else None, None,
-                 part_b, M, N, rows, geo, split, per, M * N)
-    return (_sum_splits(part_w, dtype) if want_w else None), (_sum_splits(part_b, dtype) if want_b else None)
-
-
-def _sum_splits(partial: Tensor, dtype: torch.dtype) -> Tensor:
-    """``partial [SPLIT, *shape]`` summed over splits in order, rounded once to ``dtype``: ``[*shape]``."""
-    out = torch.empty(partial.shape[1:], dtype=dtype, device=partial.device)
-    numel = out.numel()
-    if numel == 0:
-        return out
-    on_gpu = _on_gpu(partial)
-    block = _SUM_BLOCK["gpu" if on_gpu else "interpreter"]
-    launch(_sum_splits_kernel)[(triton.cdiv(numel, block),)](
-        partial, out, numel, partial.shape[0], ACC_DTYPE=tl.float64 if partial.dtype == torch.float64 else tl.float32,
-        BF16_RTNE=not on_gpu and dtype == torch.bfloat16, BLOCK=block)
-    return out
+from .gathered_gemm import gemm, image, level_geometry, patch_weight, plain, weight_grad
+from .mcl_compress import level_backward
 
 
 def mcl_embed_backward(g_small: Optional[Tensor], g_large: Optional[Tensor], g_recon: Optional[Tensor], x: Tensor,
@@ -342,30 +50,15 @@ def mcl_embed_backward(g_small: Optional[Tensor], g_large: Optional[Tensor], g_r
     B, C, H, W = x.shape
     D, p = proj_w.shape[0], proj_w.shape[-1]
     k = int(k)
-    hs, ws = H // p, W // p
-    hl, wl = hs // k, ws // k
-    NS, NL = hs * ws, hl * wl
-    MS, ML = B * NS, B * NL
-    KK, K = k * k * D, C * p * p
-    geo = _Geometry(NL=NL, WL=wl, NS=NS, WS=ws, DW=D, KF=k, P=p)
+    geo = level_geometry(H // p, W // p, D, k, p)
+    MS, K = B * geo.NS, C * p * p
     dtype, device = x.dtype, x.device
     needs = [bool(n) for n in needs]
-    with_recon = decomp_w is not None and g_recon is not None
     want_tokens = any(needs[:3])
 
-    # 1: gLt = gL + group(gR) @ W_d, the whole gradient reaching L (None: zero).
-    g_lt = g_large
-    if with_recon and (want_tokens or needs[3] or needs[4]):
-        g_lt = torch.empty((B, NL, D), dtype=dtype, device=device)
-        _launch_gemm(_grouped(g_recon), _plain(decomp_w), _plain(g_lt), _plain(g_large) if g_large is not None
-                     else None, None, ML, D, KK, geo, 1, KK, 0)
-
-    # 2: gT = gS + ungroup(gLt @ W_c), the whole gradient reaching S (None: zero).
-    g_tok = g_small
-    if want_tokens and g_lt is not None:
-        g_tok = torch.empty((B, NS, D), dtype=dtype, device=device)
-        _launch_gemm(_plain(g_lt), _plain(comp_w), _grouped(g_tok), _grouped(g_small) if g_small is not None
-                     else None, None, ML, KK, D, geo, 1, D, 0)
+    # 1, 2, 5, 6: the compression level's backward; g_tok = gT, the whole gradient reaching S (None: zero).
+    g_tok, g_cw, g_cb, g_dw, g_db = level_backward(g_large, g_recon, small, large, comp_w, comp_b, decomp_w,
+                                                   decomp_b, geo, (want_tokens, *needs[3:]), g_tokens_add=g_small)
 
     # 3: gx = unpatchify(gT @ E_s); patches tile the image (H, W are multiples of p), so every pixel is written.
     gx = None
@@ -374,33 +67,15 @@ def mcl_embed_backward(g_small: Optional[Tensor], g_large: Optional[Tensor], g_r
             gx = torch.zeros_like(x, memory_format=torch.contiguous_format)
         else:
             gx = torch.empty(x.shape, dtype=dtype, device=device)
-            _launch_gemm(_plain(g_tok), _patch_weight(proj_w), _image(gx), None, None, MS, K, D, geo, 1, D, 0)
+            gemm(plain(g_tok), patch_weight(proj_w), image(gx), MS, K, D, geo)
 
-    # 4-6: weight and bias gradients, reduced over tokens through per-split partials.
-    g_pw = g_pb = g_cw = g_cb = g_dw = g_db = None
+    # 4: patch-embedding weight and bias gradients, reduced over the small tokens through per-split partials.
+    g_pw = g_pb = None
     if needs[1] or needs[2]:
         if g_tok is None:
             g_pw, g_pb = torch.zeros((D, K), dtype=dtype, device=device), torch.zeros(D, dtype=dtype, device=device)
         else:
-            g_pw, g_pb = _weight_grad(_plain(g_tok, tok=1), _image(x), D, K, MS, geo, needs[1], needs[2], dtype)
+            g_pw, g_pb = weight_grad(plain(g_tok, tok=1), image(x), D, K, MS, geo, needs[1], needs[2], dtype)
         g_pw = g_pw.reshape(proj_w.shape) if needs[1] else None
-        g_pb = g_pb if needs[2] else None
-    if needs[3] or needs[4]:
-        if g_lt is None:
-            g_cw, g_cb = torch.zeros((D, KK), dtype=dtype, device=device), torch.zeros(D, dtype=dtype, device=device)
-        else:
-            g_cw, g_cb = _weight_grad(_plain(g_lt, tok=1), _grouped(small), D, KK, ML, geo, needs[3], needs[4],
-                                      dtype)
-        g_cw = g_cw if needs[3] else None
-        g_cb = g_cb if needs[4] else None
-    if decomp_w is not None and (needs[5] or needs[6]):
-        if g_recon is None:
-            g_dw, g_db = torch.zeros((KK, D), dtype=dtype, device=device), torch.zeros(KK, dtype=dtype, device=device)
-        else:
-            g_dw, g_db = _weight_grad(_grouped(g_recon, tok=1), _plain(large), KK, D, ML, geo, needs[5], needs[6],
-                                      dtype)
-        g_dw = g_dw if needs[5] else None
-        g_db = g_db if needs[6] and decomp_b is not None else None
-    g_pb = g_pb if proj_b is not None else None
-    g_cb = g_cb if comp_b is not None else None
+        g_pb = g_pb if needs[2] and proj_b is not None else None
     return gx, g_pw, g_pb, g_cw, g_cb, g_dw, g_db

@@ -1,5 +1,6 @@
 """Helpers shared by the Triton kernels: implicit-im2col addressing, the launch wrapper torch.compile can
-see through, and the fp32 dot precision that follows PyTorch's matmul setting."""
+see through, the fp32 dot precision that follows PyTorch's matmul setting, and the dtype flags (with the
+interpreter's bf16 work-arounds) every MCL kernel passes."""
 from typing import Optional
 
 import torch
@@ -32,6 +33,19 @@ def input_precision(dtype: torch.dtype) -> Optional[str]:
     if dtype != torch.float32:
         return None
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def dot_flags(dtype: torch.dtype, out_dtype: torch.dtype, on_gpu: bool) -> dict:
+    """The dtype constexprs of a kernel whose ``tl.dot`` operands are ``dtype`` and whose output is ``out_dtype``:
+    ``ACC_DTYPE`` (fp32; fp64 for float64), ``INPUT_PRECISION``, ``DOT_IN_FP32`` and ``BF16_RTNE``.
+
+    Triton's interpreter multiplies bfloat16 dot operands as their raw uint16 bits (triton-lang/triton#11584):
+    there the tiles go through the dot as fp32 (exact for bf16 values, fp32-accumulated like the GPU's bf16 dot),
+    and the fp32 -> bf16 cast, which it truncates, is rounded to nearest even on the bits (:func:`round_to`)."""
+    dot_in_fp32 = not on_gpu and dtype == torch.bfloat16
+    return dict(ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
+                INPUT_PRECISION="ieee" if dot_in_fp32 else input_precision(dtype), DOT_IN_FP32=dot_in_fp32,
+                BF16_RTNE=not on_gpu and out_dtype == torch.bfloat16)
 
 
 @triton.jit
