@@ -57,15 +57,35 @@ def measure_mm_peak(device: torch.device, dtype: torch.dtype, warmup: int = 2, r
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]:
-    """Peak bytes allocated by one call (CUDA allocator statistics; None on other devices)."""
-    if device.type != "cuda":
+    """Peak bytes allocated by one call above what was allocated before it; None where it cannot be measured.
+
+    CUDA: the caching allocator's statistics. CPU: PyTorch's CPU allocator keeps no statistics, so the call runs
+    once under ``torch.profiler`` with ``profile_memory=True`` and the peak is the running sum of its memory
+    events (every allocation and free through PyTorch's allocator, in time order: tensors, saved activations,
+    kernels' workspaces). Memory that BLAS/oneDNN allocate behind PyTorch's back is not seen by either.
+    """
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    if device.type != "cpu":
         return None
-    sync(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    fn()
-    sync(device)
-    return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    try:
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]")
+    except AttributeError:  # a torch whose profiler results lack these accessors
+        return None
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
 
 @dataclass

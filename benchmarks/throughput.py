@@ -7,6 +7,8 @@ Sections (``--sections``, default all):
 - ``merged``: the deployed, merged large-patch embedding with class token and position embedding
   (patch 32): timm's ``PatchEmbed`` (conv2d) + concat + add (baseline, what users run today),
   ``torch.compile`` of it, and ``mcl_kernels.embed_tokens`` on every backend available on the device.
+- ``kernels``: ``benchmarks/kernels.py`` at this run's widths, batch and dtype: each fused kernel against the
+  eager reference and ``torch.compile`` of it (forward, forward+backward with peak memory, inference embed).
 
 Each row gives the median time, achieved GFLOP/s, the fraction of this machine's ``torch.mm`` peak
 measured in the same run, and the ratio baseline-time ÷ time (> 1: faster than the baseline).
@@ -40,7 +42,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--device", default="auto", help="cpu, cuda or auto (the GPU when one is visible)")
-    ap.add_argument("--sections", default="embed,merged", help="comma-separated: embed, merged")
+    ap.add_argument("--sections", default="embed,merged", help="comma-separated: embed, merged, models, kernels")
     ap.add_argument("--widths", default="192,384,768", help="embedding widths D (DeiT-Ti/S/B: 192,384,768)")
     ap.add_argument("--batch", type=int, default=None, help="batch size (default 16 on CPU, 256 on GPU)")
     ap.add_argument("--img-size", type=int, default=224)
@@ -328,7 +330,18 @@ def models_section(bench: Bench, args: argparse.Namespace) -> None:
             del model, opt
 
 
-SECTIONS = {"embed": embed_section, "merged": merged_section, "models": models_section}
+def kernels_section(bench: Bench, args: argparse.Namespace) -> None:
+    """benchmarks/kernels.py (fused kernels vs eager reference vs torch.compile: forward, forward+backward with
+    peak memory, inference embed) at this run's widths, batch and dtype."""
+    import kernels
+    kargs = kernels.parse_args([])
+    kargs.widths, kargs.batches, kargs.dtypes = args.widths, str(args.batch), args.dtype
+    kargs.img_size, kargs.patch, kargs.compress = args.img_size, args.patch, args.compress
+    kargs.no_compile, kargs.warmup, kargs.repeats = args.no_compile, args.warmup, args.repeats
+    kernels.run(kargs, bench.device, bench.rows)
+
+
+SECTIONS = {"embed": embed_section, "merged": merged_section, "models": models_section, "kernels": kernels_section}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Row]:

@@ -104,11 +104,18 @@ def _triton_unavailable(device: torch.device) -> Optional[str]:
     return None
 
 
-def _native_ops() -> Dict[str, Callable]:
+def _native_ops(device_type: str) -> Dict[str, Callable]:
     if _extension._C is None:
         return {}
     C = _extension._C
-    return {"embed_tokens": lambda x, w, b, cls, pos: C.embed_tokens(x, w, b, cls, pos, int(w.shape[-1]))}
+    ops: Dict[str, Callable] = {
+        "embed_tokens": lambda x, w, b, cls, pos: C.embed_tokens(x, w, b, cls, pos, int(w.shape[-1]))}
+    # The fused training ops have a C++ kernel for the CPU only (csrc/cpu/mcl_embed.cpp); an extension built
+    # before them lacks the functions, and then the reference runs those ops.
+    if device_type == "cpu" and hasattr(C, "mcl_embed"):
+        ops.update({"mcl_embed": C.mcl_embed, "mcl_embed_backward": C.mcl_embed_backward,
+                    "mcl_compress": C.mcl_compress, "mcl_compress_backward": C.mcl_compress_backward})
+    return ops
 
 
 def _triton_ops() -> Dict[str, Callable]:
@@ -128,6 +135,15 @@ def _triton_ops() -> Dict[str, Callable]:
         return kernel(g_small, g_large, g_recon, x, proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b, small, large,
                       k, needs)
 
+    def mcl_compress(tokens, comp_w, comp_b, decomp_w, decomp_b, grid_h, grid_w, k):
+        from .triton.mcl_compress import mcl_compress as kernel
+        return kernel(tokens, comp_w, comp_b, decomp_w, decomp_b, grid_h, grid_w, k)
+
+    def mcl_compress_backward(g_large, g_recon, tokens, comp_w, comp_b, decomp_w, decomp_b, large, grid_h, grid_w, k,
+                              needs):
+        from .triton.mcl_compress import mcl_compress_backward as kernel
+        return kernel(g_large, g_recon, tokens, comp_w, comp_b, decomp_w, decomp_b, large, grid_h, grid_w, k, needs)
+
     def attention(q, k, v, scale):
         from .triton.attention import attention as kernel
         return kernel(q, k, v, scale)
@@ -144,6 +160,7 @@ def _triton_ops() -> Dict[str, Callable]:
         from .triton.attention import packed_attention_backward as kernel
         return kernel(g_out, q, k, v, out, lse, seqlens, scale, needs)
     return {"embed_tokens": embed_tokens, "mcl_embed": mcl_embed, "mcl_embed_backward": mcl_embed_backward,
+            "mcl_compress": mcl_compress, "mcl_compress_backward": mcl_compress_backward,
             "attention": attention, "attention_backward": attention_backward, "packed_attention": packed_attention,
             "packed_attention_backward": packed_attention_backward}
 
@@ -151,21 +168,29 @@ def _triton_ops() -> Dict[str, Callable]:
 BACKENDS: Dict[str, Backend] = {
     "reference": Backend("reference", REFERENCE_OPS, lambda device: None,
                          "it is always available", "every op, every device (pure PyTorch)"),
-    "cpu": Backend("cpu", _native_ops(), _native_unavailable("cpu"), _extension.BUILD_HINT,
-                   "embed_tokens (C++)"),
-    "cuda": Backend("cuda", _native_ops(), _native_unavailable("cuda"),
+    "cpu": Backend("cpu", _native_ops("cpu"), _native_unavailable("cpu"), _extension.BUILD_HINT,
+                   "embed_tokens, mcl_embed and mcl_compress forward and backward (C++)"),
+    "cuda": Backend("cuda", _native_ops("cuda"), _native_unavailable("cuda"),
                     _extension.BUILD_HINT + " on a machine with nvcc, and run on a CUDA device",
                     "embed_tokens (CUDA C++)"),
     "triton": Backend("triton", _triton_ops(), _triton_unavailable,
                       "pip install triton; on CPU tensors set TRITON_INTERPRET=1 before importing triton",
-                      "embed_tokens, mcl_embed forward and backward, attention and packed attention forward and "
-                      "backward (Triton)"),
+                      "embed_tokens, mcl_embed and mcl_compress forward and backward, attention and packed "
+                      "attention forward and backward (Triton)"),
 }
 
 # First available backend that implements the op wins: per device type, with per-op exceptions where a
-# measurement says so. Measured (benchmarks/results/throughput-cpu-2core.json, 2-core x86_64, fp32, B=16,
-# 224/32): the C++ embed_tokens runs at 0.90x / 1.00x / 1.05x the reference (conv2d + cat + add) at
-# D = 192 / 384 / 768, both near 90% of the GEMM peak, so "auto" keeps the reference there for now.
+# measurement says so. CPU, measured with benchmarks/kernels.py (2-core AMD EPYC with AVX-512/AVX512-BF16,
+# 224x224, patch 16 x 2, 2 threads; a shared machine, so +-10% noise): the C++ kernels (tiled, oneDNN brgemm)
+# against the eager reference, ratio of times (> 1: C++ faster):
+#   mcl_embed forward+backward, fp32, D = 192 / 384 / 768: B = 64: 1.37 / 1.11-1.32 / 1.31;
+#     B = 16: 0.99 / 1.07 / 1.08; B = 1: 1.10 / 1.08 / 0.93.  bf16: B = 64: 1.21 / 1.11-1.14 / 1.06;
+#     B = 16: 1.04 / 1.09 / 0.98; B = 1: 1.58 / 0.76 / 0.69 (fixed costs of packing the weights dominate).
+#   mcl_compress forward+backward (one thread, CPU time, 8x8 -> 4x4 grid, D = 384): 1.05-1.15.
+#   embed_tokens (vs timm PatchEmbed + cat + add, patch 32), fp32, D = 384: B = 64: 1.27-1.35; B = 16: 0.96;
+#     B = 1: 1.21.  bf16: B = 64: 1.29-1.30; B = 16: 1.24; B = 1: 2.58.
+# So "auto" runs the C++ kernels on the CPU for every op they cover; the slower corners are small batches
+# (B = 1 in bf16 at D >= 384), where the whole call takes a few milliseconds.
 # On CUDA the GPU kernels have been compiled and tested through Triton's interpreter but not yet run
 # on a GPU, so "auto" stays on the reference there until the GPU tests and benchmarks have run; then this
 # order follows their numbers.
@@ -173,9 +198,7 @@ AUTO_ORDER: Dict[str, Tuple[str, ...]] = {
     "cpu": ("cpu", "reference"),
     "cuda": ("reference", "cuda", "triton"),
 }
-AUTO_ORDER_PER_OP: Dict[Tuple[str, str], Tuple[str, ...]] = {
-    ("cpu", "embed_tokens"): ("reference", "cpu"),
-}
+AUTO_ORDER_PER_OP: Dict[Tuple[str, str], Tuple[str, ...]] = {}
 
 
 def check_name(name: str) -> str:

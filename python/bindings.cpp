@@ -3,6 +3,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include "embed_tokens.h"
+#include "mcl_embed.h"
 
 namespace py = pybind11;
 
@@ -16,5 +17,32 @@ x [B, C, H, W] (any strides), weight [D, C, P, P] with P == patch, bias [D] or N
 [1, 1, D] or None, pos_embed [T, D] or [1, T, D] or None, all of x's dtype and device.
 Returns [B, T, D] (contiguous, x.dtype) with T = (1 if cls_token else 0) + (H/P)*(W/P): the class token
 (+ pos[0]) in row 0, then conv2d(x, weight, bias, stride=P).flatten(2).transpose(1, 2) + pos[t0:].)doc");
+  m.def("mcl_embed", &mcl::mcl_embed, py::arg("x"), py::arg("proj_w"), py::arg("proj_b"), py::arg("comp_w"),
+        py::arg("comp_b"), py::arg("decomp_w"), py::arg("decomp_b"), py::arg("k"),
+        py::call_guard<py::gil_scoped_release>(),
+        R"doc(MCL training embedding, fused over tiles (CPU).
+
+x [B, C, H, W] (any strides), proj_w [D, C, p, p], proj_b [D] or None, comp_w [D, k*k*D], comp_b [D] or None,
+decomp_w [k*k*D, D] or None (any strides: tied decompression is comp_w.t()), decomp_b [k*k*D] or None.
+Returns (S [B, Hs*Ws, D], L [B, Hl*Wl, D], R [B, Hs*Ws, D] or None), contiguous, x.dtype (DESIGN.md section 2).)doc");
+  m.def("mcl_embed_backward", &mcl::mcl_embed_backward, py::arg("g_small"), py::arg("g_large"), py::arg("g_recon"),
+        py::arg("x"), py::arg("proj_w"), py::arg("proj_b"), py::arg("comp_w"), py::arg("comp_b"),
+        py::arg("decomp_w"), py::arg("decomp_b"), py::arg("small"), py::arg("large"), py::arg("k"),
+        py::arg("needs"), py::call_guard<py::gil_scoped_release>(),
+        R"doc(Gradients of mcl_embed for (x, proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b).
+
+g_small / g_large / g_recon: upstream gradients of S, L, R (None counts as zeros); small, large: the forward's S
+and L; needs: 7 flags. Returns a list of 7 tensors, None where not needed or where the input is None.
+Bitwise reproducible for a given torch.get_num_threads().)doc");
+  m.def("mcl_compress", &mcl::mcl_compress, py::arg("tokens"), py::arg("comp_w"), py::arg("comp_b"),
+        py::arg("decomp_w"), py::arg("decomp_b"), py::arg("grid_h"), py::arg("grid_w"), py::arg("k"),
+        py::call_guard<py::gil_scoped_release>(),
+        R"doc(One token-level compression: tokens [B, grid_h*grid_w, D] -> (L [B, (grid_h/k)*(grid_w/k), D],
+R [B, grid_h*grid_w, D] or None).)doc");
+  m.def("mcl_compress_backward", &mcl::mcl_compress_backward, py::arg("g_large"), py::arg("g_recon"),
+        py::arg("tokens"), py::arg("comp_w"), py::arg("comp_b"), py::arg("decomp_w"), py::arg("decomp_b"),
+        py::arg("large"), py::arg("grid_h"), py::arg("grid_w"), py::arg("k"), py::arg("needs"),
+        py::call_guard<py::gil_scoped_release>(),
+        R"doc(Gradients of mcl_compress for (tokens, comp_w, comp_b, decomp_w, decomp_b); needs: 5 flags.)doc");
   m.attr("built_with_cuda") = py::bool_(mcl::built_with_cuda());
 }

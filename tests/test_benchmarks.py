@@ -5,6 +5,9 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -49,3 +52,46 @@ def test_models_section_quick_run(tmp_path):
     for r in rows:
         assert r["median_ms"] > 0 and r["gflops"] > 0 and r["ratio"] > 0 and r["extra"]["images_per_s"] > 0
         assert r["baseline"] == ("timm DeiT-Ti/16" if r["section"] == "models-infer" else "timm DeiT-Ti/16 step")
+
+
+def _run(*args, timeout=600):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_kernels_quick_run(tmp_path):
+    """benchmarks/kernels.py: every section, both dtypes, the fused kernel beside the eager reference, and the peak
+    memory of the training step for every implementation (compile rows are left to the throughput run above)."""
+    out = tmp_path / "kernels.json"
+    res = _run(os.path.join(ROOT, "benchmarks", "kernels.py"), "--quick", "--no-compile", "--json", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "measured torch.mm peak (bfloat16)" in res.stdout and "peak memory" in res.stdout
+    doc = json.loads(out.read_text())
+    assert doc["mm_peak_gflops"]["float32"] > 0 and doc["mm_peak_gflops"]["bfloat16"] > 0
+    impls = {(r["section"], r["impl"], r["dtype"]) for r in doc["rows"]}
+    for dtype in ("float32", "bfloat16"):
+        for section in ("kernel-fwd", "kernel-fwd+bwd"):
+            assert {(section, "reference (eager)", dtype), (section, "mcl_embed (cpu)", dtype),
+                    (section, "mcl_embed (auto)", dtype)} <= impls
+        assert {("kernel-infer", "timm PatchEmbed+cat+add", dtype), ("kernel-infer", "embed_tokens (cpu)", dtype)} <= impls
+    for r in doc["rows"]:
+        assert r["median_ms"] > 0 and r["gflops"] > 0 and r["ratio"] > 0
+        assert (r["extra"]["peak_memory_bytes"] is not None) == (r["section"] == "kernel-fwd+bwd")
+        if r["section"] == "kernel-fwd+bwd":
+            assert r["extra"]["peak_memory_bytes"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: the GPU rows run instead of being skipped")
+def test_kernels_without_a_gpu_skips_cleanly(tmp_path):
+    out = tmp_path / "gpu.json"
+    res = _run(os.path.join(ROOT, "benchmarks", "kernels.py"), "--quick", "--device", "cuda", "--json", str(out))
+    assert res.returncode == 0 and "no CUDA device" in res.stderr
+    assert json.loads(out.read_text())["rows"] == []
+
+
+def test_kernels_section_of_throughput(tmp_path):
+    out = tmp_path / "throughput-kernels.json"
+    res = _run(os.path.join(ROOT, "benchmarks", "throughput.py"), "--quick", "--no-compile", "--sections", "kernels",
+               "--json", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    sections = {r["section"] for r in json.loads(out.read_text())["rows"]}
+    assert sections == {"kernel-fwd", "kernel-fwd+bwd", "kernel-infer"}

@@ -1,0 +1,298 @@
+"""Kernel benchmark: the fused MCL kernels against the eager reference and torch.compile of it, in one run.
+
+Sections (``--sections``, default all):
+- ``fwd``:     the training embedding's forward, pixels -> (S, L, R) (``mcl_kernels.mcl_embed``);
+- ``fwdbwd``:  forward + backward of every weight and bias (the image needs no gradient, as in training), with
+  the peak memory of one step;
+- ``infer``:   the merged (deployed) embedding with class token and position embedding: timm's ``PatchEmbed``
+  (conv2d) + cat + add (the baseline users run today), torch.compile of it, the reference, and
+  ``mcl_kernels.embed_tokens``.
+The training sections' baseline is the eager reference (``mcl_kernels.reference``). Kernel rows are the backends
+of the device that implement the op (CPU: ``cpu``, the C++ kernels; CUDA: ``triton`` and ``cuda``) and ``auto``
+(whatever ``backend="auto"`` picks there); a backend that is not available is skipped with the reason.
+
+Each row: median time, GFLOP/s, the fraction of the ``torch.mm`` peak of the same dtype measured in this run,
+the ratio baseline-time / time (> 1: faster), and (fwdbwd) peak memory above what existed before the step
+(``harness.peak_memory``: CUDA allocator statistics, or on the CPU the profiler's allocation events).
+Results go to a table and to JSON (``--json``, default ``benchmarks/results/latest-kernels.json``).
+
+    python benchmarks/kernels.py                                  # DeiT-Ti/S/B widths, batch 1/16/64, fp32+bf16
+    python benchmarks/kernels.py --widths 384 --batches 64 --dtypes float32 --sections fwdbwd
+    python benchmarks/kernels.py --quick                          # tiny shapes: checks the script runs
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+from harness import Row  # noqa: E402
+
+import mcl_kernels as mk  # noqa: E402
+from mcl_kernels import reference  # noqa: E402
+
+WIDTHS = {192: "DeiT-Ti", 384: "DeiT-S", 768: "DeiT-B"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SECTION_NAMES = ("fwd", "fwdbwd", "infer")
+DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "latest-kernels.json")
+
+
+def _ints(text: str) -> List[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def _names(text: str, allowed: Sequence[str], what: str) -> List[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        raise SystemExit(f"unknown {what} {unknown}; choose from {list(allowed)}")
+    return names
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--device", default="auto", help="cpu, cuda or auto (the GPU when one is visible)")
+    ap.add_argument("--sections", default=",".join(SECTION_NAMES), help="comma-separated: fwd, fwdbwd, infer")
+    ap.add_argument("--widths", default="192,384,768", help="embedding widths D (DeiT-Ti/S/B: 192,384,768)")
+    ap.add_argument("--batches", default="1,16,64", help="batch sizes")
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16, float16")
+    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--patch", type=int, default=16, help="small patch p (the large patch is p * compress)")
+    ap.add_argument("--compress", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on the CPU (default: torch's)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (compiling is slow)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--quick", action="store_true", help="tiny shapes and few repeats: checks the script runs")
+    ap.add_argument("--json", default=DEFAULT_JSON, help="where to write the JSON results")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    add_arguments(ap)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.widths, args.batches, args.img_size, args.warmup, args.repeats = "32", "2", 64, 1, 2
+    return args
+
+
+def resolve_device(name: str) -> Optional[torch.device]:
+    """The device to measure on; None (with a note) when a GPU is asked for and there is none."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device visible: the GPU rows are skipped", file=sys.stderr)
+        return None
+    return device
+
+
+def kernel_backends(device: torch.device, op: str) -> List[str]:
+    """The backends whose kernel for `op` can run on `device` (reference excluded), then "auto"."""
+    names = []
+    for name, backend in mk.backends.BACKENDS.items():
+        if name == "reference" or op not in backend.ops:
+            continue
+        why = backend.unavailable(device)
+        if why is None:
+            names.append(name)
+        else:
+            print(f"  backend {name!r} skipped for {op}: {why}", file=sys.stderr)
+    return names + ["auto"]
+
+
+class Runner:
+    """Times the implementations of one case; the first one that runs is the baseline of the ratios."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device, rows: List[Row]):
+        self.args, self.device, self.rows = args, device, rows
+
+    def case(self, section: str, case: str, dtype: str, peak: float, flops: float, shape: Dict[str, int],
+             impls: Sequence[Tuple[str, Callable[[], object]]], memory: bool = False) -> None:
+        base_ms = base_name = None
+        for name, fn in impls:
+            try:
+                sec = harness.median_seconds(fn, self.device, self.args.warmup, self.args.repeats)
+                mem = harness.peak_memory(fn, self.device) if memory else None
+            except Exception as exc:  # noqa: BLE001 - one failing peer must not hide the other numbers
+                print(f"  [{section}/{case}] {name}: skipped ({type(exc).__name__}: {str(exc).splitlines()[0]})",
+                      file=sys.stderr)
+                continue
+            ms = sec * 1e3
+            if base_ms is None:
+                base_ms, base_name = ms, name
+            gflops = flops / sec / 1e9
+            row = Row(section, case, name, dtype, shape, ms, gflops, gflops / peak, base_ms / ms, base_name,
+                      {"peak_memory_bytes": mem})
+            self.rows.append(row)
+            mem_text = "" if mem is None else f" {mem / 2**20:8.1f} MiB"
+            print(f"  {section:<14} {case:<28} {name:<26} {dtype:<9} {ms:9.3f} ms {gflops:8.1f} GFLOP/s "
+                  f"{100 * row.peak_fraction:5.1f}% of peak {row.ratio:6.2f}x{mem_text}", flush=True)
+
+
+def _compiled(fn: Callable, args: argparse.Namespace) -> Optional[Callable]:
+    return None if args.no_compile else torch.compile(fn, fullgraph=True, dynamic=False)
+
+
+def training_sections(runner: Runner, sections: Sequence[str], dtype_name: str, peak: float) -> None:
+    args, dev, dtype = runner.args, runner.device, DTYPES[dtype_name]
+    p, k, C = args.patch, args.compress, 3
+    H = W = args.img_size
+    ns, nl = (H // p) * (W // p), (H // (p * k)) * (W // (p * k))
+    backends = kernel_backends(dev, "mcl_embed")
+    for D in _ints(args.widths):
+        gemm = {"embed": ns * D * C * p * p, "compress": nl * D * k * k * D, "decompress": nl * k * k * D * D}
+        for B in _ints(args.batches):
+            torch.manual_seed(0)
+            x = torch.randn(B, C, H, W, device=dev, dtype=dtype)
+
+            def param(*shape, fan_in):
+                return (torch.randn(*shape, device=dev, dtype=torch.float32) * fan_in ** -0.5).to(dtype)
+
+            params = [param(D, C, p, p, fan_in=C * p * p), param(D, fan_in=1), param(D, k * k * D, fan_in=k * k * D),
+                      param(D, fan_in=1), param(k * k * D, D, fan_in=D), param(k * k * D, fan_in=1)]
+            leaves = [t.requires_grad_(True) for t in params]
+            fwd_flops = 2.0 * B * sum(gemm.values())
+            # backward: every weight gradient (= the forward's FLOPs) + the token gradients through decompression
+            # and compression (the image needs none)
+            train_flops = 2 * fwd_flops + 2.0 * B * (gemm["compress"] + gemm["decompress"])
+            shape = {"B": B, "H": H, "W": W, "D": D, "p": p, "k": k}
+            case = f"{WIDTHS.get(D, '')} D={D} B={B} {H}x{W}".strip()
+
+            def ref_fwd():
+                return reference.mcl_embed(x, *leaves, k)
+
+            def kernel_fwd(backend):
+                def run():
+                    return tuple(mk.mcl_embed(x, *leaves, compress=k, backend=backend))
+                return run
+
+            if "fwd" in sections:
+                impls = [("reference (eager)", ref_fwd), ("reference (compile)", _compiled(ref_fwd, args))]
+                impls += [(f"mcl_embed ({b})", kernel_fwd(b)) for b in backends]
+                with torch.no_grad():
+                    runner.case("kernel-fwd", case, dtype_name, peak, fwd_flops, shape, [i for i in impls if i[1] is not None])
+
+            if "fwdbwd" in sections:
+                ups = [torch.randn(B, ns, D, device=dev, dtype=dtype), torch.randn(B, nl, D, device=dev, dtype=dtype),
+                       torch.randn(B, ns, D, device=dev, dtype=dtype)]
+
+                def train(fwd):
+                    def step():
+                        outs = [o for o in fwd() if o is not None]
+                        torch.autograd.backward(outs, ups[:len(outs)])
+                        for t in leaves:
+                            t.grad = None
+                    return step
+
+                impls = [("reference (eager)", train(ref_fwd))]
+                compiled = _compiled(ref_fwd, args)  # its own callable: one traced under no_grad has no backward
+                if compiled is not None:
+                    impls.append(("reference (compile)", train(compiled)))
+                impls += [(f"mcl_embed ({b})", train(kernel_fwd(b))) for b in backends]
+                runner.case("kernel-fwd+bwd", case, dtype_name, peak, train_flops, shape, impls, memory=True)
+
+
+def infer_section(runner: Runner, dtype_name: str, peak: float) -> None:
+    args, dev, dtype = runner.args, runner.device, DTYPES[dtype_name]
+    P, C = args.patch * args.compress, 3
+    H = W = args.img_size
+    n = (H // P) * (W // P)
+    try:
+        from timm.layers import PatchEmbed
+    except ImportError:
+        PatchEmbed = None
+        print("  [infer] timm is not installed: its PatchEmbed rows are skipped (pip install timm)", file=sys.stderr)
+    backends = kernel_backends(dev, "embed_tokens")
+    for D in _ints(args.widths):
+        for B in _ints(args.batches):
+            torch.manual_seed(0)
+            x = torch.randn(B, C, H, W, device=dev, dtype=dtype)
+            weight = (torch.randn(D, C, P, P, device=dev) * (C * P * P) ** -0.5).to(dtype)
+            bias = torch.randn(D, device=dev).to(dtype)
+            cls = torch.randn(1, 1, D, device=dev).to(dtype)
+            pos = torch.randn(1, n + 1, D, device=dev).to(dtype)
+            impls = []
+            if PatchEmbed is not None:
+                pe = PatchEmbed(img_size=H, patch_size=P, in_chans=C, embed_dim=D).to(device=dev, dtype=dtype)
+                pe.load_state_dict({"proj.weight": weight, "proj.bias": bias})
+
+                def timm_embed():
+                    t = pe(x)
+                    return torch.cat([cls.expand(t.shape[0], -1, -1), t], dim=1) + pos
+
+                impls += [("timm PatchEmbed+cat+add", timm_embed), ("timm (compile)", _compiled(timm_embed, args))]
+            impls.append(("reference (eager)", lambda: reference.embed_tokens(x, weight, bias, cls, pos)))
+            impls += [(f"embed_tokens ({b})",
+                       lambda b=b: mk.embed_tokens(x, weight, bias, cls, pos, backend=b)) for b in backends]
+            shape = {"B": B, "H": H, "W": W, "D": D, "P": P}
+            case = f"{WIDTHS.get(D, '')} D={D} B={B} {H}x{W}/{P}".strip()
+            with torch.no_grad():
+                runner.case("kernel-infer", case, dtype_name, peak, 2.0 * B * n * D * C * P * P, shape,
+                            [i for i in impls if i[1] is not None])
+
+
+def run(args: argparse.Namespace, device: torch.device, rows: List[Row]) -> Dict[str, float]:
+    """Runs the requested sections on `device`, appending rows; returns the torch.mm peak of each dtype."""
+    sections = _names(args.sections, SECTION_NAMES, "section(s)")
+    dtypes = _names(args.dtypes, list(DTYPES), "dtype(s)")
+    if device.type == "cpu" and getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    runner = Runner(args, device, rows)
+    peaks: Dict[str, float] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for dtype_name in dtypes:
+            peaks[dtype_name] = peak = harness.measure_mm_peak(device, DTYPES[dtype_name])
+            print(f"measured torch.mm peak ({dtype_name}): {peak:.1f} GFLOP/s", flush=True)
+            if "fwd" in sections or "fwdbwd" in sections:
+                training_sections(runner, sections, dtype_name, peak)
+            if "infer" in sections:
+                infer_section(runner, dtype_name, peak)
+    return peaks
+
+
+def print_memory(rows: Sequence[Row]) -> None:
+    """Peak memory of the rows that measured it, with the ratio to their case's baseline."""
+    measured = [r for r in rows if r.extra.get("peak_memory_bytes") is not None]
+    if not measured:
+        return
+    print(f"\n{'peak memory':<16} {'case':<30} {'impl':<26} {'dtype':<9} {'MiB':>9} {'vs base':>8}")
+    base: Dict[Tuple[str, str, str], float] = {}
+    for r in measured:
+        mib = r.extra["peak_memory_bytes"] / 2**20
+        ref = base.setdefault((r.section, r.case, r.dtype), mib)
+        print(f"{r.section:<16} {r.case:<30} {r.impl:<26} {r.dtype:<9} {mib:9.1f} {mib / ref if ref else 0:7.2f}x")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
+    args = parse_args(argv)
+    _names(args.sections, SECTION_NAMES, "section(s)")
+    _names(args.dtypes, list(DTYPES), "dtype(s)")
+    device = resolve_device(args.device)
+    rows: List[Row] = []
+    peaks: Dict[str, float] = {}
+    env: Dict[str, object] = {"device": None}
+    if device is not None:
+        if device.type == "cpu" and args.threads:
+            torch.set_num_threads(args.threads)  # before harness.environment records the thread count
+        env = harness.environment(device)
+        print(f"mcl_kernels {mk.__version__} kernels on {env['device']} | torch {env['torch']} | "
+              f"{args.img_size}x{args.img_size}, patch {args.patch} x {args.compress}", flush=True)
+        peaks = run(args, device, rows)
+        print()
+        harness.print_table(rows)
+        print_memory(rows)
+    harness.write_json(args.json, env, peaks, rows, vars(args))
+    print(f"\nwrote {args.json}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
