@@ -177,7 +177,8 @@ def training_sections(runner: Runner, sections: Sequence[str], dtype_name: str, 
                 impls = [("reference (eager)", ref_fwd), ("reference (compile)", _compiled(ref_fwd, args))]
                 impls += [(f"mcl_embed ({b})", kernel_fwd(b)) for b in backends]
                 with torch.no_grad():
-                    runner.case("kernel-fwd", case, dtype_name, peak, fwd_flops, shape, [i for i in impls if i[1] is not None])
+                    runner.case("kernel-fwd", case, dtype_name, peak, fwd_flops, shape,
+                                [i for i in impls if i[1] is not None])
 
             if "fwdbwd" in sections:
                 ups = [torch.randn(B, ns, D, device=dev, dtype=dtype), torch.randn(B, nl, D, device=dev, dtype=dtype),

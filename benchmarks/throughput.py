@@ -51,6 +51,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     ap.add_argument("--backend", default="auto", help="mcl_kernels backend for the FusedMCLEmbed rows")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (compiling is slow)")
+    ap.add_argument("--models", default="all",
+                    help="models section: comma-separated substrings of the rows to run (e.g. 'DeiT-Ti/16,MCL-DeiT-S'); "
+                         "the first selected model of a case is its baseline")
+    ap.add_argument("--model-dtypes", default="float32,bfloat16", help="models section: dtypes to run")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="tiny shapes and few repeats: checks the script runs")
@@ -219,7 +223,14 @@ def models_section(bench: Bench, args: argparse.Namespace) -> None:
     dev, img = bench.device, args.img_size
     size = "tiny" if args.quick else None
     batches = (1, 2) if args.quick else (1, 16, 64)
-    dtypes = ("float32", "bfloat16")
+    dtypes = tuple(d for d in args.model_dtypes.split(",") if d)
+    unknown = [d for d in dtypes if d not in DTYPES]
+    if unknown:
+        raise SystemExit(f"--model-dtypes: unknown {unknown}; choose from {sorted(DTYPES)}")
+    wanted = None if args.models == "all" else [w.strip() for w in args.models.split(",") if w.strip()]
+
+    def selected(label: str) -> bool:
+        return wanted is None or any(w in label for w in wanted)
     peaks = {args.dtype: bench.peak}
     baselines: Dict[tuple, tuple] = {}  # (section, case) -> (impl, seconds): the first model timed in a case
 
@@ -259,7 +270,7 @@ def models_section(bench: Bench, args: argparse.Namespace) -> None:
             fn()
         return float(fc.get_total_flops())
 
-    for label, build in infer:
+    for label, build in [(label, build) for label, build in infer if selected(label)]:
         torch.manual_seed(0)
         built = build().eval().to(dev)
         for dname in dtypes:
@@ -292,7 +303,7 @@ def models_section(bench: Bench, args: argparse.Namespace) -> None:
              (f"MCL-DeiT-{S}/32 step", lambda: mcl(f"mcl_deit_{s}_patch32_224"), True)]
     for dname in dtypes:
         case = f"B={B} {img}x{img} {dname}"
-        for label, build, is_mcl in train:
+        for label, build, is_mcl in [t for t in train if selected(t[0])]:
             torch.manual_seed(0)
             model = build().train().to(dev)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)

@@ -72,7 +72,8 @@ def test_kernels_quick_run(tmp_path):
         for section in ("kernel-fwd", "kernel-fwd+bwd"):
             assert {(section, "reference (eager)", dtype), (section, "mcl_embed (cpu)", dtype),
                     (section, "mcl_embed (auto)", dtype)} <= impls
-        assert {("kernel-infer", "timm PatchEmbed+cat+add", dtype), ("kernel-infer", "embed_tokens (cpu)", dtype)} <= impls
+        assert {("kernel-infer", "timm PatchEmbed+cat+add", dtype),
+                ("kernel-infer", "embed_tokens (cpu)", dtype)} <= impls
     for r in doc["rows"]:
         assert r["median_ms"] > 0 and r["gflops"] > 0 and r["ratio"] > 0
         assert (r["extra"]["peak_memory_bytes"] is not None) == (r["section"] == "kernel-fwd+bwd")

@@ -44,7 +44,8 @@ void embed_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optiona
   // B = weight^T [K, D] in the GEMM's layout.
   const at::Tensor w2d = weight.reshape({D, K}).contiguous();
   at::Tensor wb = at::empty({Kp * D}, at::TensorOptions().dtype(c10::CppTypeToScalarType<O>::value));
-  cpu::pack_b_transposed(gemm, static_cast<const scalar_t*>(w2d.data_ptr()), K, K, Kp, D, static_cast<O*>(wb.data_ptr()));
+  cpu::pack_b_transposed(gemm, static_cast<const scalar_t*>(w2d.data_ptr()), K, K, Kp, D,
+                         static_cast<O*>(wb.data_ptr()));
 
   // Row n of every image starts from add[n] = bias + pos[t0 + n] (zeros when neither is given).
   std::vector<A> add(N * D, A(0));

@@ -823,7 +823,9 @@ std::vector<OptTensor> compress_backward(const at::Tensor& g_large, const at::Te
   if (need_tok) gt = tok_grad ? at::empty(tokens.sizes(), opts) : at::zeros(tokens.sizes(), opts);
   scalar_t* gtp = need_tok ? ptr<scalar_t>(gt) : nullptr;
   std::vector<Round> lr;
-  for (int64_t r = 0; tl.nslots > 0 && r * tl.nslots < tl.ntiles; ++r) lr.push_back(make_round(tl, g, r, 1, gemm.k_align()));
+  for (int64_t r = 0; tl.nslots > 0 && r * tl.nslots < tl.ntiles; ++r) {
+    lr.push_back(make_round(tl, g, r, 1, gemm.k_align()));
+  }
 
   auto tile = [&](int64_t slot, int64_t i, int64_t r0, int64_t r1, int64_t r) {
     level.tile(slot, i, r0, r1, lr[r].off[i]);

@@ -198,7 +198,8 @@ MCL_AVX512 void interleave_avx512(const c10::BFloat16* a, const c10::BFloat16* b
     const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, a + i));
     const __m512i hi = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, b + i));
     const __m512i pairs = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
-    const __mmask32 m2 = left >= 16 ? static_cast<__mmask32>(0xFFFFFFFFu) : static_cast<__mmask32>((1u << (2 * left)) - 1);
+    const __mmask32 m2 =
+        left >= 16 ? static_cast<__mmask32>(0xFFFFFFFFu) : static_cast<__mmask32>((1u << (2 * left)) - 1);
     _mm512_mask_storeu_epi16(dst + 2 * i, m2, pairs);
   }
 }

@@ -39,7 +39,9 @@ void expect_close(const std::string& what, const at::Tensor& got, const at::Tens
 // [B, Hs*Ws, D] -> [B, Hl*Wl, k*k*D] (DESIGN.md section 2) and back.
 at::Tensor group(const at::Tensor& t, int64_t hs, int64_t ws, int64_t k) {
   const int64_t B = t.size(0), D = t.size(2);
-  return t.reshape({B, hs / k, k, ws / k, k, D}).permute({0, 1, 3, 2, 4, 5}).reshape({B, (hs / k) * (ws / k), k * k * D});
+  return t.reshape({B, hs / k, k, ws / k, k, D})
+      .permute({0, 1, 3, 2, 4, 5})
+      .reshape({B, (hs / k) * (ws / k), k * k * D});
 }
 
 at::Tensor ungroup(const at::Tensor& t, int64_t hs, int64_t ws, int64_t k) {
@@ -99,7 +101,8 @@ void run_case(const Case& c, at::ScalarType dtype, double tol) {
   expect_close(c.name() + " grad comp_w", *grads[3], g_l2.t().mm(group(Sd, hs, ws, c.k).reshape({-1, KD})), tol);
   expect_close(c.name() + " grad comp_b", *grads[4], g_l2.sum(0), tol);
   const at::Tensor g_s = (gSd + ungroup(g_l.matmul(cws), hs, ws, c.k)).reshape({-1, c.D});
-  const at::Tensor patches = xs.reshape({c.B, c.C, hs, c.p, ws, c.p}).permute({0, 2, 4, 1, 3, 5}).reshape({-1, c.C * c.p * c.p});
+  const at::Tensor patches =
+      xs.reshape({c.B, c.C, hs, c.p, ws, c.p}).permute({0, 2, 4, 1, 3, 5}).reshape({-1, c.C * c.p * c.p});
   expect_close(c.name() + " grad proj_w", *grads[1], g_s.t().mm(patches).reshape(pw.sizes()), tol);
   expect_close(c.name() + " grad proj_b", *grads[2], g_s.sum(0), tol);
   const at::Tensor gx = g_s.mm(pws.reshape({c.D, -1})).reshape({c.B, hs, ws, c.C, c.p, c.p})
@@ -142,7 +145,8 @@ int main() {
   const std::vector<Case> cases{{2, 3, 16, 24, 4, 2, 20, true}, {1, 2, 12, 18, 2, 3, 16, true},
                                 {3, 1, 24, 12, 3, 2, 40, false}, {12, 1, 64, 16, 2, 2, 8, true}};
   for (const Case& c : cases) {
-    for (const auto& [dtype, tol] : std::vector<std::pair<at::ScalarType, double>>{{at::kDouble, 1e-10}, {at::kFloat, 2e-4}}) {
+    const std::vector<std::pair<at::ScalarType, double>> dtypes{{at::kDouble, 1e-10}, {at::kFloat, 2e-4}};
+    for (const auto& [dtype, tol] : dtypes) {
       try {
         run_case(c, dtype, tol);
       } catch (const c10::Error& e) {
