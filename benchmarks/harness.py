@@ -12,7 +12,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -144,3 +144,36 @@ def write_json(path: str, env: Dict[str, object], peaks: Dict[str, float], rows:
     with open(tmp, "w") as f:
         json.dump(doc, f, indent=2)
     os.replace(tmp, path)
+
+
+def compiled(fn: Callable, no_compile: bool) -> Optional[Callable]:
+    """``torch.compile`` of ``fn`` for a comparison row (None: the row is skipped)."""
+    return None if no_compile else torch.compile(fn, fullgraph=True, dynamic=False)
+
+
+def time_case(rows: List["Row"], device: torch.device, warmup: int, repeats: int, section: str, case: str,
+              dtype: str, peak: float, flops: float, shape: Dict[str, int],
+              impls: Sequence[Tuple[str, Optional[Callable[[], object]]]], memory: bool = True) -> None:
+    """Time each implementation of one case and append its row; the first one that runs is the baseline of
+    the ratios. One failing peer is reported and skipped, not allowed to hide the other numbers."""
+    base_ms = base_name = None
+    for name, fn in impls:
+        if fn is None:
+            continue
+        try:
+            sec = median_seconds(fn, device, warmup, repeats)
+            mem = peak_memory(fn, device) if memory else None
+        except Exception as exc:  # noqa: BLE001
+            print(f"  [{section}/{case}] {name}: skipped ({type(exc).__name__}: {str(exc).splitlines()[0]})",
+                  file=sys.stderr)
+            continue
+        ms = sec * 1e3
+        if base_ms is None:
+            base_ms, base_name = ms, name
+        gflops = flops / sec / 1e9
+        row = Row(section, case, name, dtype, shape, ms, gflops, gflops / peak, base_ms / ms, base_name,
+                  {"peak_memory_bytes": mem})
+        rows.append(row)
+        mem_text = "" if mem is None else f" {mem / 2**20:8.1f} MiB"
+        print(f"  {section:<14} {case:<28} {name:<26} {dtype:<9} {ms:9.3f} ms {gflops:8.1f} GFLOP/s "
+              f"{100 * row.peak_fraction:5.1f}% of peak {row.ratio:6.2f}x{mem_text}", flush=True)

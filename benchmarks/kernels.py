@@ -115,29 +115,12 @@ class Runner:
 
     def case(self, section: str, case: str, dtype: str, peak: float, flops: float, shape: Dict[str, int],
              impls: Sequence[Tuple[str, Callable[[], object]]], memory: bool = False) -> None:
-        base_ms = base_name = None
-        for name, fn in impls:
-            try:
-                sec = harness.median_seconds(fn, self.device, self.args.warmup, self.args.repeats)
-                mem = harness.peak_memory(fn, self.device) if memory else None
-            except Exception as exc:  # noqa: BLE001 - one failing peer must not hide the other numbers
-                print(f"  [{section}/{case}] {name}: skipped ({type(exc).__name__}: {str(exc).splitlines()[0]})",
-                      file=sys.stderr)
-                continue
-            ms = sec * 1e3
-            if base_ms is None:
-                base_ms, base_name = ms, name
-            gflops = flops / sec / 1e9
-            row = Row(section, case, name, dtype, shape, ms, gflops, gflops / peak, base_ms / ms, base_name,
-                      {"peak_memory_bytes": mem})
-            self.rows.append(row)
-            mem_text = "" if mem is None else f" {mem / 2**20:8.1f} MiB"
-            print(f"  {section:<14} {case:<28} {name:<26} {dtype:<9} {ms:9.3f} ms {gflops:8.1f} GFLOP/s "
-                  f"{100 * row.peak_fraction:5.1f}% of peak {row.ratio:6.2f}x{mem_text}", flush=True)
+        harness.time_case(self.rows, self.device, self.args.warmup, self.args.repeats, section, case, dtype, peak,
+                          flops, shape, impls, memory)
 
 
 def _compiled(fn: Callable, args: argparse.Namespace) -> Optional[Callable]:
-    return None if args.no_compile else torch.compile(fn, fullgraph=True, dynamic=False)
+    return harness.compiled(fn, args.no_compile)
 
 
 def training_sections(runner: Runner, sections: Sequence[str], dtype_name: str, peak: float) -> None:

@@ -74,28 +74,12 @@ class Bench:
 
     def case(self, section: str, case: str, flops: float, shape: Dict[str, int],
              impls: Sequence[tuple]) -> None:
-        base_ms = None
-        base_name = None
-        for name, fn in impls:
-            try:
-                sec = harness.median_seconds(fn, self.device, self.args.warmup, self.args.repeats)
-            except Exception as exc:  # noqa: BLE001 - one failing peer must not hide the other numbers
-                print(f"  [{section}/{case}] {name}: skipped ({type(exc).__name__}: {str(exc).splitlines()[0]})",
-                      file=sys.stderr)
-                continue
-            ms = sec * 1e3
-            if base_ms is None:
-                base_ms, base_name = ms, name
-            gflops = flops / sec / 1e9
-            row = Row(section, case, name, self.args.dtype, shape, ms, gflops, gflops / self.peak,
-                      base_ms / ms, base_name, {"peak_memory_bytes": harness.peak_memory(fn, self.device)})
-            self.rows.append(row)
-            print(f"  {section:<7} {case:<30} {name:<26} {ms:9.3f} ms {gflops:8.1f} GFLOP/s "
-                  f"{100 * row.peak_fraction:5.1f}% of peak {row.ratio:6.2f}x", flush=True)
+        harness.time_case(self.rows, self.device, self.args.warmup, self.args.repeats, section, case,
+                          self.args.dtype, self.peak, flops, shape, impls)
 
 
 def _compiled(fn: Callable, args: argparse.Namespace) -> Optional[Callable]:
-    return None if args.no_compile else torch.compile(fn, fullgraph=True, dynamic=False)
+    return harness.compiled(fn, args.no_compile)
 
 
 def embed_section(bench: Bench, args: argparse.Namespace) -> None:
