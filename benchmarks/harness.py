@@ -47,12 +47,33 @@ def median_seconds(fn: Callable[[], object], device: torch.device, warmup: int, 
     return statistics.median(times)
 
 
-def measure_mm_peak(device: torch.device, dtype: torch.dtype, warmup: int = 2, repeats: int = 5) -> float:
-    """GFLOP/s of a large square ``torch.mm``: the practical roofline for GEMM-bound work here."""
-    n = 4096 if device.type == "cuda" else 2048
+def interleaved_median_seconds(fns: Dict[str, Callable[[], object]], device: torch.device, warmup: int,
+                               repeats: int) -> Dict[str, float]:
+    """Median seconds per call of each function, timed in rounds that call each one once in turn: a ratio
+    between them is not skewed by the machine drifting between one function's rounds and the next's (long
+    calls, such as whole training steps, are where that shows)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def measure_mm_peak(device: torch.device, dtype: torch.dtype, warmup: int = 2, repeats: int = 7) -> float:
+    """GFLOP/s of a large square ``torch.mm``: the practical roofline for GEMM-bound work here. Into a
+    preallocated output, so a fresh result's page faults are not timed as GEMM."""
+    n = 4096 if device.type == "cuda" else 3072
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    sec = median_seconds(lambda: torch.mm(a, b), device, warmup, repeats, min_round_s=0.05)
+    c = torch.empty(n, n, device=device, dtype=dtype)
+    sec = median_seconds(lambda: torch.mm(a, b, out=c), device, warmup, repeats, min_round_s=0.05)
     return 2 * n ** 3 / sec / 1e9
 
 
@@ -108,6 +129,24 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical CPUs, {torch.get_num_threads()} threads)"
+
+
+def add_cpu_malloc_argument(ap) -> None:
+    ap.add_argument("--cpu-malloc", default="retain", choices=("retain", "default"),
+                    help="retain (default): glibc keeps freed memory for reuse, as mcl-train does on the CPU "
+                         "(mcl_kernels.cpu_malloc; every row of the run is timed under it); default: glibc's "
+                         "own settings, which page-fault large activations afresh each step")
+
+
+def apply_cpu_malloc(choice: str, device: torch.device) -> str:
+    """The run's allocator setting (``--cpu-malloc``), applied before anything is timed; the returned line goes
+    into the printed header and the JSON environment."""
+    if device.type != "cpu":
+        return "n/a (not a CPU run)"
+    if choice == "default":
+        return "the C library's defaults"
+    from mcl_kernels.cpu_malloc import retain_freed_memory
+    return retain_freed_memory()
 
 
 def environment(device: torch.device) -> Dict[str, object]:

@@ -69,6 +69,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="tiny shapes and few repeats: checks the script runs")
+    harness.add_cpu_malloc_argument(ap)
     ap.add_argument("--json", default=DEFAULT_JSON, help="where to write the JSON results")
 
 
@@ -267,8 +268,10 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
         if device.type == "cpu" and args.threads:
             torch.set_num_threads(args.threads)  # before harness.environment records the thread count
         env = harness.environment(device)
+        env["cpu_malloc"] = harness.apply_cpu_malloc(args.cpu_malloc, device)
         print(f"mcl_kernels {mk.__version__} kernels on {env['device']} | torch {env['torch']} | "
-              f"{args.img_size}x{args.img_size}, patch {args.patch} x {args.compress}", flush=True)
+              f"{args.img_size}x{args.img_size}, patch {args.patch} x {args.compress} | malloc: {env['cpu_malloc']}",
+              flush=True)
         peaks = run(args, device, rows)
         print()
         harness.print_table(rows)

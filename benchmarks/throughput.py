@@ -58,6 +58,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="tiny shapes and few repeats: checks the script runs")
+    harness.add_cpu_malloc_argument(ap)
     ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                    "latest-throughput.json"), help="where to write the JSON")
     args = ap.parse_args(argv)
@@ -187,7 +188,8 @@ def models_section(bench: Bench, args: argparse.Namespace) -> None:
     DeiT-S/16, ViT-S/32 and torchvision MobileNetV2 and RegNetY-400MF, at batch 1, 16 and 64 in float32 and
     bfloat16 (weights and inputs cast). ``models-train``: one training step (forward, backward, AdamW step) of
     MCL-DeiT-S/32 (three branches, fused embedding) against one step of plain DeiT-S/16 (baseline) and of
-    ViT-S/32, at ``--batch`` (at most 64); bfloat16 under autocast. ``--quick``: the tiny sizes only, batch 1
+    ViT-S/32, at ``--batch`` (at most 64), the steps timed in turn round by round; bfloat16 under autocast.
+    ``--quick``: the tiny sizes only, batch 1
     and 2. GFLOP/s from torch's FlopCounterMode plus the embedding's GEMMs (FlopCounterMode does not see
     inside the custom ops); ``%peak`` against the ``torch.mm`` peak of each dtype, measured in this run.
     """
@@ -287,6 +289,7 @@ def models_section(bench: Bench, args: argparse.Namespace) -> None:
              (f"MCL-DeiT-{S}/32 step", lambda: mcl(f"mcl_deit_{s}_patch32_224"), True)]
     for dname in dtypes:
         case = f"B={B} {img}x{img} {dname}"
+        steps, fwd_bwds, models = {}, {}, {}
         for label, build, is_mcl in [t for t in train if selected(t[0])]:
             torch.manual_seed(0)
             model = build().train().to(dev)
@@ -307,11 +310,17 @@ def models_section(bench: Bench, args: argparse.Namespace) -> None:
                 opt.zero_grad(set_to_none=True)
 
             try:
-                sec = harness.median_seconds(step, dev, args.warmup, args.repeats)
-                flops = count_flops(fwd_bwd)
+                step()  # first call on its own: a model that cannot train is reported, not timed
             except Exception as exc:  # noqa: BLE001
                 print(f"  [models-train/{case}] {label}: skipped ({type(exc).__name__}: {exc})", file=sys.stderr)
                 continue
+            steps[label], fwd_bwds[label], models[label] = step, fwd_bwd, (model, opt, is_mcl)
+        # The steps are timed in turn, round by round: their ratio is this section's result, and a step lasts
+        # seconds on a CPU, long enough for the machine to drift between one model's rounds and the next's.
+        secs = harness.interleaved_median_seconds(steps, dev, args.warmup, args.repeats) if steps else {}
+        for label, sec in secs.items():
+            model, opt, is_mcl = models[label]
+            flops = count_flops(fwd_bwds[label])
             opt.zero_grad(set_to_none=True)
             if is_mcl:  # the fused embedding's GEMMs (custom ops), counted as in the embed section
                 p, k, D, C = model.small_patch, model.compress, model.embed_dim, model.in_chans
@@ -322,7 +331,7 @@ def models_section(bench: Bench, args: argparse.Namespace) -> None:
             base = baselines.setdefault(("models-train", case), (label, sec))
             row("models-train", case, label, dname, {"B": B, "H": img, "W": img}, sec, flops, base,
                 {"images_per_s": B / sec, "params": sum(p.numel() for p in model.parameters())})
-            del model, opt
+        del steps, fwd_bwds, models
 
 
 def kernels_section(bench: Bench, args: argparse.Namespace) -> None:
@@ -350,8 +359,10 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Row]:
     if unknown:
         raise SystemExit(f"unknown section(s) {unknown}; choose from {sorted(SECTIONS)}")
     env = harness.environment(device)
+    env["cpu_malloc"] = harness.apply_cpu_malloc(args.cpu_malloc, device)
     print(f"mcl_kernels {mk.__version__} throughput on {env['device']} | torch {env['torch']} | "
-          f"dtype {args.dtype} | batch {args.batch} | {args.img_size}x{args.img_size}", flush=True)
+          f"dtype {args.dtype} | batch {args.batch} | {args.img_size}x{args.img_size} | "
+          f"malloc: {env['cpu_malloc']}", flush=True)
     dtype = DTYPES[args.dtype]
     peak = harness.measure_mm_peak(device, dtype)
     print(f"measured torch.mm peak ({args.dtype}): {peak:.1f} GFLOP/s", flush=True)

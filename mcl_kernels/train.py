@@ -33,13 +33,14 @@ import torch
 
 from . import _cli, checkpoint as ckpt, data, distributed
 from .checkpoint import CheckpointError
+from .cpu_malloc import retain_freed_memory
 from .distributed import DistEnv
 from .loss import RECON_LOSSES
 
 DEFAULT_MODEL = "mcl_deit_tiny_patch32_224"
 # Options a resumed run may change: how it runs, not what it computes.
 RUNTIME_OPTIONS = {"resume", "output", "workers", "device", "dist_backend", "backend", "compile", "progress",
-                   "log_interval", "ckpt_every_steps", "data_dir", "packed"}
+                   "log_interval", "ckpt_every_steps", "data_dir", "packed", "cpu_malloc"}
 # Filled per dataset from _cli.DATASET_DEFAULTS when not given.
 DATASET_KEYS = ("img_size", "fit", "epochs", "batch_size", "warmup_epochs", "scale_min", "aa", "reprob", "mixup",
                 "cutmix", "drop_path", "crop_pct")
@@ -118,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto (the rank's GPU, else CPU), cpu, cuda")
     g.add_argument("--dist-backend", default=None,
                    help="torch.distributed backend (default nccl on GPUs, gloo on CPUs)")
+    g.add_argument("--cpu-malloc", choices=("retain", "default"), default="retain",
+                   help="CPU runs: retain (default) keeps glibc from returning freed activations to the OS, so each "
+                        "step reuses them instead of page-faulting them afresh (mcl_kernels.cpu_malloc); default "
+                        "leaves the C library as it is")
     g.add_argument("--find-unused-parameters", action="store_true", help="DDP option for models with unused weights")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--output", default=None, help="run directory (default runs/<dataset>-<model>-<date-time>)")
@@ -493,6 +498,8 @@ def _run(args, env: DistEnv, resume_state, resume_path) -> Dict[str, Any]:
         log("=" * 78 + "\nSYNTHETIC DATA: random class-coloured images for a smoke run; accuracies mean nothing\n"
             + "=" * 78)
 
+    if env.device.type == "cpu":
+        log(f"malloc: {retain_freed_memory() if args.cpu_malloc == 'retain' else 'the C library defaults'}")
     trainer = Trainer(args, env, log, resume_state)
     paths = ckpt.checkpoint_paths(args.output)
     cfg = trainer.model_config

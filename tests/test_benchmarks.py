@@ -19,6 +19,7 @@ def test_throughput_quick_run_writes_table_and_json(tmp_path):
     assert "measured torch.mm peak" in res.stdout and "ratio" in res.stdout
     doc = json.loads(out.read_text())
     assert doc["environment"]["torch"] and doc["mm_peak_gflops"]["float32"] > 0
+    assert doc["environment"]["cpu_malloc"] and "malloc: " in res.stdout
     impls = {(r["section"], r["impl"]) for r in doc["rows"]}
     for section in ("embed-fwd", "embed-fwd+bwd"):
         assert {(section, "reference (eager)"), (section, "reference (compile)"),
@@ -96,3 +97,12 @@ def test_kernels_section_of_throughput(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     sections = {r["section"] for r in json.loads(out.read_text())["rows"]}
     assert sections == {"kernel-fwd", "kernel-fwd+bwd", "kernel-infer"}
+
+
+def test_interleaved_timing_calls_each_function_once_per_round():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import harness
+    calls = []
+    secs = harness.interleaved_median_seconds({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                              torch.device("cpu"), warmup=1, repeats=3)
+    assert calls == ["a", "b"] + ["a", "b"] * 3 and set(secs) == {"a", "b"} and min(secs.values()) >= 0

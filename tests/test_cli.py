@@ -40,6 +40,7 @@ def test_synthetic_train_eval_export(tmp_path, capsys):
     text = capsys.readouterr().out
     assert rc == 0
     assert "SYNTHETIC DATA" in text and "mcl-train summary" in text
+    assert "malloc: " in text  # the CPU allocator setting (mcl_kernels.cpu_malloc) is logged
     for name in ("log.txt", "args.json", "metrics.csv", "metrics.json", "summary.json", "last.pt", "best.pt"):
         assert os.path.isfile(os.path.join(out, name)), name
     history = read_json(os.path.join(out, "metrics.json"))

@@ -7,10 +7,10 @@ is added for the small scale. The class token (and register tokens) are shared b
 else (blocks, norms, pooling, head) is the wrapped timm model's own modules, run by its own code
 (``blocks``, ``norm``, ``forward_head``); only the token preparation in front of the blocks is written here.
 
-Training forward: the three token sets of the fused embedding go through the same blocks. Small and
-reconstructed tokens have the same count and position embedding, so they run as one batch of ``2B``
-sequences; the large tokens run as a second pass. Batching images together is exact because every block
-acts on each image separately (attention never mixes sequences; there is no batch norm).
+Training forward: the three token sets of the fused embedding go through the same blocks, one pass per branch.
+Small and reconstructed tokens share count and position embedding and could run as one batch of ``2B``; on the
+CPU that was measured slower than two passes (a twice-larger activation costs more than twice as much, and the
+batch needs a copy), and on a GPU the one-pass path is ``packed=True``.
 
 Packed training (``packed=True``, ViT/DeiT only): the three branches of each image run through the blocks as
 ONE sequence ``[B, Ns' + Nl' + Ns', D]`` (small, large, reconstructed; each with its own prefix and position
@@ -393,14 +393,12 @@ class MCLViT(nn.Module):
         if self.packed:
             large, small, recon = self._packed_branches(tokens.small, tokens.large, tokens.recon)
             return MCLOutput(large, small, recon, tokens.small, tokens.recon)
-        B = x.shape[0]
+        # One pass per branch, not one over 2B sequences for small + reconstructed: a batch twice as large costs
+        # more than twice as much on the CPU (benchmarks/results/models-cpu-2core.json) and needs a copy; on a
+        # GPU, packed=True is the one-pass path.
         large = self._branch(tokens.large, self.vit.pos_embed if self._has_pos else None)
-        if tokens.recon is None:
-            small, recon = self._branch(tokens.small, self.pos_embed_small), None
-        else:
-            # Same grid and position embedding: one pass over 2B sequences (exact: blocks act per image).
-            both = self._branch(torch.cat([tokens.small, tokens.recon], dim=0), self.pos_embed_small)
-            small, recon = both[:B], both[B:]
+        small = self._branch(tokens.small, self.pos_embed_small)
+        recon = None if tokens.recon is None else self._branch(tokens.recon, self.pos_embed_small)
         return MCLOutput(large, small, recon, tokens.small, tokens.recon)
 
     def _packed_branches(self, small: Tensor, large: Tensor, recon: Optional[Tensor]
