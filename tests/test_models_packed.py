@@ -1,4 +1,4 @@
-"""MCLViT(packed=True): all branches through the blocks in one packed pass. Equal to the unpacked two-pass forward
+"""MCLViT(packed=True): all branches through the blocks in one packed pass. Equal to the unpacked per-branch forward
 (timm's own attention) in every output and every parameter gradient, in eager mode, with gradient checkpointing and
 under torch.compile(fullgraph=True); the state dict and the deployed models stay timm's; what cannot be packed is
 rejected before anything is modified."""
@@ -120,10 +120,10 @@ def test_blocks_run_once_on_one_packed_sequence():
     assert all(blk.attn.seqlens is None for blk in packed.vit.blocks)
 
 
-def test_switching_packing_off_runs_the_two_pass_forward():
+def test_switching_packing_off_runs_the_per_branch_forward():
     _, packed = pair()
     calls = []
-    hook = packed.vit.blocks[0].register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[1]))
+    hook = packed.vit.blocks[0].register_forward_pre_hook(lambda m, args: calls.append(tuple(args[0].shape[:2])))
     x = image(2)
     with torch.no_grad():
         on = packed(x)
@@ -131,9 +131,9 @@ def test_switching_packing_off_runs_the_two_pass_forward():
         off = packed(x)
         packed.packed = True
     hook.remove()
-    # packed: one pass over small + large + reconstructed; unpacked: the large branch, then small and
-    # reconstructed as one batch
-    assert calls == [(1 + NS) + (1 + NL) + (1 + NS), 1 + NL, 1 + NS]
+    # packed: one pass over small + large + reconstructed; unpacked: one pass per branch (large, small,
+    # reconstructed), each over the batch of 2 images
+    assert calls == [(2, (1 + NS) + (1 + NL) + (1 + NS)), (2, 1 + NL), (2, 1 + NS), (2, 1 + NS)]
     for field in FIELDS:
         assert_close(field, getattr(off, field), getattr(on, field), **OUT_TOL)
 
