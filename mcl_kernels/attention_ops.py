@@ -34,7 +34,7 @@ def _fake_forward(q: Tensor, B: int, H: int, N: int, Dh: int) -> Tuple[Tensor, T
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) -> Tuple[Tensor, Tensor]:
     """``softmax(q k^T · scale) v`` and the rows' log-sum-exp."""
     _checks.check_attention(q, k, v, scale)
-    out, lse = backends.resolve("attention", backend, q.device)(q, k, v, scale)
+    out, lse = backends.resolve("attention", backend, q.device, q.dtype)(q, k, v, scale)
     return _own(out, q, (q, k, v)), _own(lse, q, (q, k, v))
 
 
@@ -48,7 +48,8 @@ def attention_backward(g_out: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
                        scale: float, needs: List[bool], backend: str) -> List[Tensor]:
     """Gradients of :func:`attention` for ``(q, k, v)``; ``out`` and ``lse`` are its saved outputs."""
     inputs = (g_out, q, k, v, out, lse)
-    grads = backends.resolve("attention_backward", backend, q.device)(g_out, q, k, v, out, lse, scale, needs)
+    fn = backends.resolve("attention_backward", backend, q.device, q.dtype)
+    grads = fn(g_out, q, k, v, out, lse, scale, needs)
     return [_own(g, q, inputs) for g in grads]
 
 
@@ -81,7 +82,7 @@ def packed_attention(q: Tensor, k: Tensor, v: Tensor, seqlens: List[int], scale:
     """Self-attention within each packed segment (lengths ``seqlens``, summing to ``N``) and the rows'
     log-sum-exp over their segment."""
     _checks.check_packed_attention(q, k, v, seqlens, scale)
-    out, lse = backends.resolve("packed_attention", backend, q.device)(q, k, v, seqlens, scale)
+    out, lse = backends.resolve("packed_attention", backend, q.device, q.dtype)(q, k, v, seqlens, scale)
     return _own(out, q, (q, k, v)), _own(lse, q, (q, k, v))
 
 
@@ -95,7 +96,7 @@ def packed_attention_backward(g_out: Optional[Tensor], q: Tensor, k: Tensor, v: 
                               seqlens: List[int], scale: float, needs: List[bool], backend: str) -> List[Tensor]:
     """Gradients of :func:`packed_attention` for ``(q, k, v)``; ``out`` and ``lse`` are its saved outputs."""
     inputs = (g_out, q, k, v, out, lse)
-    fn = backends.resolve("packed_attention_backward", backend, q.device)
+    fn = backends.resolve("packed_attention_backward", backend, q.device, q.dtype)
     return [_own(g, q, inputs) for g in fn(g_out, q, k, v, out, lse, seqlens, scale, needs)]
 
 

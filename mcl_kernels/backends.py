@@ -191,14 +191,38 @@ BACKENDS: Dict[str, Backend] = {
 #     B = 1: 1.21.  bf16: B = 64: 1.29-1.30; B = 16: 1.24; B = 1: 2.58.
 # So "auto" runs the C++ kernels on the CPU for every op they cover; the slower corners are small batches
 # (B = 1 in bf16 at D >= 384), where the whole call takes a few milliseconds.
-# On CUDA the GPU kernels have been compiled and tested through Triton's interpreter but not yet run
-# on a GPU, so "auto" stays on the reference there until the GPU tests and benchmarks have run; then this
-# order follows their numbers.
+# CUDA, measured with benchmarks/kernels.py on an H100 80GB HBM3 (torch 2.11, Triton 3.6; bf16, D = 384,
+# B = 256, 224x224, patch 16 x 2; benchmarks/results/kernels-h100.json, and -run1.json before this order),
+# times in ms:
+#   mcl_embed forward: triton 0.54, reference 2.00 (eager autograd) / 2.16 (the op).
+#   mcl_embed forward+backward: triton 3.84 (run 1: 3.23), i.e. its backward alone about 3.3 (2.7); the
+#     reference op 2.84 in run 1 (backward about 0.7); the Triton forward with the reference backward 2.50.
+#     So auto pairs the Triton forward with the reference backward (the backward op reads only the forward's
+#     outputs, whichever backend made them).
+#   embed_tokens: triton 0.17, cuda 0.50, reference 3.02 (timm PatchEmbed + cat + add: 3.02).
+#   attention ops vs the reference ops (run 1): forward 2.7x (50 tokens) / 15x (197), fwd+bwd 1.6x / 4.2x;
+#     packed attention fwd+bwd (197 + 50 + 197 tokens) 6.9x.
+# float32 (the same machine; benchmarks/results/kernels-h100-fp32-partial.log, a run cut at its time limit): the Triton kernels multiply exactly there (tl.dot's "ieee" FMA path, PyTorch's default of no
+# TF32), and lose to cuBLAS: mcl_embed forward 7.17 ms against the reference's 2.32. So on CUDA auto runs the
+# reference for float32 (and float64) inputs; float16 follows bfloat16 (the same kernels and tensor-core dots;
+# not measured separately).
+# Not measured on a GPU yet, so the reference stays first: mcl_compress (chain levels after the first) and the
+# embed_tokens backward.
 AUTO_ORDER: Dict[str, Tuple[str, ...]] = {
     "cpu": ("cpu", "reference"),
-    "cuda": ("reference", "cuda", "triton"),
+    "cuda": ("triton", "cuda", "reference"),
 }
-AUTO_ORDER_PER_OP: Dict[Tuple[str, str], Tuple[str, ...]] = {}
+AUTO_ORDER_PER_OP: Dict[Tuple[str, str], Tuple[str, ...]] = {
+    ("cuda", "mcl_embed_backward"): ("reference", "triton"),
+    ("cuda", "mcl_compress"): ("reference", "triton"),
+    ("cuda", "mcl_compress_backward"): ("reference", "triton"),
+    ("cuda", "embed_tokens_backward"): ("reference", "cuda", "triton"),
+}
+# Per (device type, input dtype), over the two tables above.
+AUTO_ORDER_PER_DTYPE: Dict[Tuple[str, torch.dtype], Tuple[str, ...]] = {
+    ("cuda", torch.float32): ("reference",),
+    ("cuda", torch.float64): ("reference",),
+}
 
 
 def check_name(name: str) -> str:
@@ -221,11 +245,19 @@ def requested(name: str) -> str:
     return name
 
 
-def resolve(op: str, name: str, device: torch.device) -> Callable:
-    """The implementation of ``op`` that backend ``name`` runs on ``device``, or a clear error."""
+def auto_order(op: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> Tuple[str, ...]:
+    """The backends ``auto`` tries for ``op`` on ``device`` with ``dtype`` inputs, first choice first."""
+    if dtype is not None and (device.type, dtype) in AUTO_ORDER_PER_DTYPE:
+        return AUTO_ORDER_PER_DTYPE[(device.type, dtype)]
+    return AUTO_ORDER_PER_OP.get((device.type, op), AUTO_ORDER.get(device.type, ("reference",)))
+
+
+def resolve(op: str, name: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> Callable:
+    """The implementation of ``op`` that backend ``name`` runs on ``device`` for ``dtype`` inputs, or a clear
+    error."""
     name = requested(name)
     if name == "auto":
-        order = AUTO_ORDER_PER_OP.get((device.type, op), AUTO_ORDER.get(device.type, ("reference",)))
+        order = auto_order(op, device, dtype)
         for candidate in order:
             backend = BACKENDS[candidate]
             if op in backend.ops and backend.unavailable(device) is None:

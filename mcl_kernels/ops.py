@@ -54,7 +54,7 @@ def mcl_embed(x: Tensor, proj_w: Tensor, proj_b: Optional[Tensor], comp_w: Tenso
     """Small tokens ``S``, large tokens ``L`` and reconstructed small tokens ``R`` (empty without decompression)."""
     _checks.check_mcl_embed(x, proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b, k)
     inputs = (x, proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b)
-    s, l, r = backends.resolve("mcl_embed", backend, x.device)(*inputs, k)
+    s, l, r = backends.resolve("mcl_embed", backend, x.device, x.dtype)(*inputs, k)
     return _own(s, x, inputs), _own(l, x, inputs), _own(r, x, inputs)
 
 
@@ -77,7 +77,7 @@ def mcl_embed_backward(g_small: Optional[Tensor], g_large: Optional[Tensor], g_r
     ``small`` and ``large`` are the forward's outputs (saved, so the reference need not recompute them)."""
     inputs = (x, proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b)
     grads_out = (g_small, g_large, g_recon if decomp_w is not None else None)
-    fn = backends.resolve("mcl_embed_backward", backend, x.device)
+    fn = backends.resolve("mcl_embed_backward", backend, x.device, x.dtype)
     grads = fn(*grads_out, *inputs, small, large, k, needs)
     return [_own(g, x, inputs + grads_out + (small, large)) for g in grads]
 
@@ -112,7 +112,7 @@ def mcl_compress(tokens: Tensor, comp_w: Tensor, comp_b: Optional[Tensor], decom
     """Large tokens ``L`` and reconstruction ``R`` (empty without decompression) of tokens on a grid."""
     _checks.check_mcl_compress(tokens, grid_h, grid_w, comp_w, comp_b, decomp_w, decomp_b, k)
     inputs = (tokens, comp_w, comp_b, decomp_w, decomp_b)
-    l, r = backends.resolve("mcl_compress", backend, tokens.device)(*inputs, grid_h, grid_w, k)
+    l, r = backends.resolve("mcl_compress", backend, tokens.device, tokens.dtype)(*inputs, grid_h, grid_w, k)
     return _own(l, tokens, inputs), _own(r, tokens, inputs)
 
 
@@ -134,7 +134,7 @@ def mcl_compress_backward(g_large: Optional[Tensor], g_recon: Optional[Tensor], 
     ``large`` is the forward's output."""
     inputs = (tokens, comp_w, comp_b, decomp_w, decomp_b)
     grads_out = (g_large, g_recon if decomp_w is not None else None)
-    fn = backends.resolve("mcl_compress_backward", backend, tokens.device)
+    fn = backends.resolve("mcl_compress_backward", backend, tokens.device, tokens.dtype)
     grads = fn(*grads_out, *inputs, large, grid_h, grid_w, k, needs)
     return [_own(g, tokens, inputs + grads_out + (large,)) for g in grads]
 
@@ -167,7 +167,7 @@ def embed_tokens(x: Tensor, weight: Tensor, bias: Optional[Tensor], cls_token: O
     """Patch embedding with class token and position embedding written into one ``[B, T, D]`` buffer."""
     _checks.check_embed_tokens(x, weight, bias, cls_token, pos_embed)
     inputs = (x, weight, bias, cls_token, pos_embed)
-    return _own(backends.resolve("embed_tokens", backend, x.device)(*inputs), x, inputs)
+    return _own(backends.resolve("embed_tokens", backend, x.device, x.dtype)(*inputs), x, inputs)
 
 
 @embed_tokens.register_fake
@@ -182,7 +182,7 @@ def embed_tokens_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optiona
                           backend: str) -> List[Tensor]:
     """Gradients of :func:`embed_tokens` for ``(x, weight, bias, cls_token, pos_embed)``."""
     inputs = (x, weight, bias, cls_token, pos_embed)
-    grads = backends.resolve("embed_tokens_backward", backend, x.device)(grad, *inputs, needs)
+    grads = backends.resolve("embed_tokens_backward", backend, x.device, x.dtype)(grad, *inputs, needs)
     return [_own(g, x, inputs + (grad,)) for g in grads]
 
 

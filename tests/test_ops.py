@@ -288,3 +288,21 @@ def test_auto_choice_follows_the_measured_order():
         assert backends.resolve(op, "auto", cpu) is want, op
     if _extension._C is not None:
         assert backends.resolve("embed_tokens", "cpu", cpu) is backends.BACKENDS["cpu"].ops["embed_tokens"]
+
+
+def test_auto_order_on_cuda_follows_the_h100_measurements():
+    """On CUDA (backends.py, measured on an H100): the Triton kernels for 16-bit inputs, except the training
+    embedding's backward (the reference's cuBLAS GEMMs were 4x faster); the reference for float32 and float64
+    (the Triton kernels' exact-fp32 FMA dots lost to cuBLAS 3x). Checked as the order auto tries, since
+    resolving needs a GPU."""
+    from mcl_kernels import backends
+    cuda = torch.device("cuda")
+    for dtype in (torch.bfloat16, torch.float16):
+        for op in ("mcl_embed", "embed_tokens", "attention", "attention_backward", "packed_attention",
+                   "packed_attention_backward"):
+            assert backends.auto_order(op, cuda, dtype)[0] == "triton", (op, dtype)
+        assert backends.auto_order("mcl_embed_backward", cuda, dtype)[0] == "reference"
+    for dtype in (torch.float32, torch.float64):
+        for op in backends.REFERENCE_OPS:
+            assert backends.auto_order(op, cuda, dtype) == ("reference",), (op, dtype)
+    assert backends.auto_order("mcl_embed", torch.device("cpu"), torch.float32)[0] == "cpu"

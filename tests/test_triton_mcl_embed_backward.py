@@ -247,6 +247,28 @@ def test_functional_backend_from_environment(triton_backward_spy, monkeypatch):
         assert_close(f"env grad {name}", g, w, atol=1e-4, rtol=1e-5)
 
 
+def test_triton_forward_with_reference_backward_through_auto(triton_backward_spy, monkeypatch):
+    """The pairing ``auto`` makes on CUDA (backends.AUTO_ORDER_PER_OP): the Triton forward, the reference backward
+    on the forward's saved S and L. Set up here for CPU tensors (the interpreter), it gives the reference's
+    gradients, and the Triton backward is not called."""
+    monkeypatch.setitem(backends.AUTO_ORDER_PER_OP, ("cpu", "mcl_embed"), ("triton",))
+    monkeypatch.setitem(backends.AUTO_ORDER_PER_OP, ("cpu", "mcl_embed_backward"), ("reference",))
+    forward_calls = []
+    triton_forward = backends.BACKENDS["triton"].ops["mcl_embed"]
+    monkeypatch.setitem(backends.BACKENDS["triton"].ops, "mcl_embed",
+                        lambda *a: forward_calls.append(1) or triton_forward(*a))
+    x, pw, pb, cw, cb, dw, db, k = [t.requires_grad_(True) if torch.is_tensor(t) else t
+                                    for t in make_inputs(SHAPES[0], "untied")]
+    out = mk.mcl_embed(x, pw, pb, cw, cb, dw, db, compress=k, backend="auto")
+    ups = [torch.randn_like(out.small), torch.randn_like(out.large), torch.randn_like(out.recon)]
+    torch.autograd.backward([out.small, out.large, out.recon], ups)
+    assert forward_calls == [1] and not triton_backward_spy
+    params = (x, pw, pb, cw, cb, dw, db)
+    want = torch.autograd.grad(reference.mcl_embed(*params, k), params, ups)
+    for name, p, w in zip(GRADS, params, want):
+        assert_close(f"mixed grad {name}", p.grad, w, atol=1e-4, rtol=1e-5)
+
+
 # ---- on a GPU, at a real ViT shape -------------------------------------------------------------------------
 
 GPU_SHAPE = (8, 3, 224, 224, 16, 2, 192)  # ViT-Ti/16 at 224² compressed to /32: B=8, 196 -> 49 tokens
