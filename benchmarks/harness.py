@@ -190,6 +190,27 @@ def compiled(fn: Callable, no_compile: bool) -> Optional[Callable]:
     return None if no_compile else torch.compile(fn, fullgraph=True, dynamic=False)
 
 
+def cuda_graphed(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` captured once into a CUDA graph (after warm-up calls on a side stream, which also run any
+    autotuning), replayed on each call: the GPU's time for the work without the host's per-launch overhead."""
+    graph = []
+
+    def replay():
+        if not graph:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    fn()
+            torch.cuda.current_stream().wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn()
+            graph.append(g)
+        graph[0].replay()
+    return replay
+
+
 def time_case(rows: List["Row"], device: torch.device, warmup: int, repeats: int, section: str, case: str,
               dtype: str, peak: float, flops: float, shape: Dict[str, int],
               impls: Sequence[Tuple[str, Optional[Callable[[], object]]]], memory: bool = True) -> None:
@@ -200,7 +221,9 @@ def time_case(rows: List["Row"], device: torch.device, warmup: int, repeats: int
         if fn is None:
             continue
         try:
-            sec = median_seconds(fn, device, warmup, repeats)
+            # On a GPU a call can last microseconds: rounds of >= 20 ms keep launch latency and the host
+            # clock's resolution out of the median.
+            sec = median_seconds(fn, device, warmup, repeats, min_round_s=0.02 if device.type == "cuda" else 0.0)
             mem = peak_memory(fn, device) if memory else None
         except Exception as exc:  # noqa: BLE001
             print(f"  [{section}/{case}] {name}: skipped ({type(exc).__name__}: {str(exc).splitlines()[0]})",

@@ -7,6 +7,13 @@ Sections (``--sections``, default all):
 - ``infer``:   the merged (deployed) embedding with class token and position embedding: timm's ``PatchEmbed``
   (conv2d) + cat + add (the baseline users run today), torch.compile of it, the reference, and
   ``mcl_kernels.embed_tokens``.
+- ``attn`` (GPU only): the fused attention forward (the deployed model's: 50 tokens at 224/32, 197 at /16) and
+  forward+backward against ``scaled_dot_product_attention`` (baseline), at head dim 64 and ``D / 64`` heads (the
+  forward also replayed from a CUDA graph, ``attn-fwd-graph``: kernel time without per-launch host overhead); and
+  the packed attention of MCL's three branches (197 + 50 + 197 tokens) against SDPA run once per branch.
+- ``packed`` (GPU only): one MCL-DeiT training step (forward, MCLLoss, backward, AdamW; bf16 under autocast
+  for a bfloat16 run) with the branches packed into one pass through the blocks against the same model with
+  three separate passes (baseline), timed in turn round by round.
 The training sections' baseline is the eager reference (``mcl_kernels.reference``). Kernel rows are the backends
 of the device that implement the op (CPU: ``cpu``, the C++ kernels; CUDA: ``triton`` and ``cuda``) and ``auto``
 (whatever ``backend="auto"`` picks there); a backend that is not available is skipped with the reason.
@@ -39,7 +46,8 @@ from mcl_kernels import reference  # noqa: E402
 
 WIDTHS = {192: "DeiT-Ti", 384: "DeiT-S", 768: "DeiT-B"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SECTION_NAMES = ("fwd", "fwdbwd", "infer")
+SECTION_NAMES = ("fwd", "fwdbwd", "infer", "attn", "packed")
+GPU_SECTIONS = ("attn", "packed")  # measured on a CUDA device only: on a CPU the Triton kernels are interpreted
 DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "latest-kernels.json")
 
 
@@ -57,7 +65,8 @@ def _names(text: str, allowed: Sequence[str], what: str) -> List[str]:
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--device", default="auto", help="cpu, cuda or auto (the GPU when one is visible)")
-    ap.add_argument("--sections", default=",".join(SECTION_NAMES), help="comma-separated: fwd, fwdbwd, infer")
+    ap.add_argument("--sections", default=",".join(SECTION_NAMES),
+                    help="comma-separated: fwd, fwdbwd, infer, attn, packed (the last two: GPU only)")
     ap.add_argument("--widths", default="192,384,768", help="embedding widths D (DeiT-Ti/S/B: 192,384,768)")
     ap.add_argument("--batches", default="1,16,64", help="batch sizes")
     ap.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16, float16")
@@ -223,12 +232,128 @@ def infer_section(runner: Runner, dtype_name: str, peak: float) -> None:
                             [i for i in impls if i[1] is not None])
 
 
+def attention_section(runner: Runner, dtype_name: str, peak: float) -> None:
+    import torch.nn.functional as F
+    from mcl_kernels.attention import attention, packed_attention
+    args, dev, dtype = runner.args, runner.device, DTYPES[dtype_name]
+    backends = kernel_backends(dev, "attention")
+    # --quick: a few tokens and narrow heads (the script's check, also run through Triton's interpreter)
+    Dh = 16 if args.quick else 64
+    lengths = ((6,), (9,), (9, 4, 9)) if args.quick else ((50,), (197,), (197, 50, 197))
+    for D in _ints(args.widths):
+        H = max(1, D // Dh)
+        for B in _ints(args.batches):
+            for seqlens in lengths:
+                N = sum(seqlens)
+                torch.manual_seed(0)
+                q, k, v = (torch.randn(B, H, N, Dh, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
+                g = torch.randn(B, H, N, Dh, device=dev, dtype=dtype)
+                flops = 4.0 * B * H * Dh * sum(n * n for n in seqlens)  # QK^T and PV, no masked work
+                shape = {"B": B, "H": H, "N": N, "Dh": Dh}
+                packed = len(seqlens) > 1
+                if packed:
+                    from mcl_kernels.reference import segments
+                    segs = list(segments(seqlens))
+
+                    def sdpa():
+                        return torch.cat([F.scaled_dot_product_attention(q[:, :, s], k[:, :, s], v[:, :, s])
+                                          for s in segs], dim=2)
+                    impls = [("SDPA per branch", sdpa)]
+                    impls += [(f"packed_attention ({b})",
+                               lambda b=b: packed_attention(q, k, v, seqlens, backend=b)) for b in backends]
+                    case = f"D={D} B={B} N={'+'.join(map(str, seqlens))}"
+                else:
+                    impls = [("SDPA", lambda: F.scaled_dot_product_attention(q, k, v))]
+                    impls += [(f"attention ({b})", lambda b=b: attention(q, k, v, backend=b)) for b in backends]
+                    case = f"D={D} B={B} N={N}"
+                    with torch.no_grad():
+                        runner.case("attn-fwd", case, dtype_name, peak, flops, shape, impls)
+                        # The same calls replayed from a CUDA graph: kernel time, without the host overhead
+                        # that bounds a Python op's launch at these sizes (tens of microseconds of GPU work).
+                        if dev.type == "cuda":
+                            runner.case("attn-fwd-graph", case, dtype_name, peak, flops, shape,
+                                        [(name, harness.cuda_graphed(fn)) for name, fn in impls if "auto" not in name])
+
+                def train(fn):
+                    def step():
+                        fn().backward(g)
+                        q.grad = k.grad = v.grad = None
+                    return step
+                # backward: dS = dO V^T, dV = P^T dO, dQ = dS K, dK = dS^T Q (+ recomputed QK^T): 2.5x the forward
+                runner.case("attn-fwd+bwd", case, dtype_name, peak, 3.5 * flops, shape,
+                            [(name, train(fn)) for name, fn in impls])
+
+
+def packed_step_section(runner: Runner, dtype_name: str, peak: float) -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+    try:
+        from mcl_kernels.loss import MCLLoss
+        from mcl_kernels.models import create_model
+    except ImportError as exc:
+        print(f"  [packed] skipped: {exc} (pip install timm)", file=sys.stderr)
+        return
+    args, dev = runner.args, runner.device
+    amp = dtype_name != "float32"
+    img = args.img_size
+    names = {192: "tiny", 384: "small", 768: "base"}
+    for D in _ints(args.widths):
+        # --quick: one narrow block on the DeiT-Ti preset (the script's check)
+        size = dict(embed_dim=D, depth=1, num_heads=2) if args.quick else {}
+        if D not in names and not args.quick:
+            print(f"  [packed] no MCL-DeiT preset of width {D}: skipped", file=sys.stderr)
+            continue
+        for B in _ints(args.batches):
+            steps, flops = {}, 0.0
+            for label, packed in (("three passes", False), ("packed (one pass)", True)):
+                torch.manual_seed(0)
+                # Both on the Triton kernels (embedding; the packed model's attention too): the rows differ only in
+                # the packing.
+                model = create_model(f"mcl_deit_{names.get(D, 'tiny')}_patch32_224", img_size=img, backend="triton",
+                                     packed=packed, **size).train().to(dev)
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+                x = torch.randn(B, 3, img, img, device=dev)
+                y = torch.randint(0, 1000, (B,), device=dev)
+                loss_fn = MCLLoss()
+
+                def fwd_bwd(model=model, x=x, y=y):
+                    with torch.autocast(dev.type, dtype=DTYPES[dtype_name], enabled=amp):
+                        loss = loss_fn(model(x), y)[0]
+                    loss.backward()
+
+                def step(model=model, opt=opt, fwd_bwd=fwd_bwd):
+                    fwd_bwd()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                step()
+                if not packed:  # the transformer's FLOPs (FlopCounterMode does not see inside the custom ops)
+                    with FlopCounterMode(display=False) as fc:
+                        fwd_bwd()
+                    flops = float(fc.get_total_flops())
+                    opt.zero_grad(set_to_none=True)
+                steps[label] = step
+            secs = harness.interleaved_median_seconds(steps, dev, args.warmup, args.repeats)
+            base = secs["three passes"]
+            case = f"MCL-DeiT D={D} B={B} {img}x{img}"
+            for label, sec in secs.items():
+                gflops = flops / sec / 1e9
+                r = Row("packed-step", case, label, dtype_name, {"B": B, "D": D, "H": img, "W": img}, sec * 1e3,
+                        gflops, gflops / peak, base / sec, "three passes", {"images_per_s": B / sec})
+                runner.rows.append(r)
+                print(f"  packed-step    {case:<28} {label:<26} {dtype_name:<9} {sec * 1e3:9.3f} ms "
+                      f"{gflops:8.1f} GFLOP/s {100 * r.peak_fraction:5.1f}% of peak {r.ratio:6.2f}x", flush=True)
+            del steps
+
+
 def run(args: argparse.Namespace, device: torch.device, rows: List[Row]) -> Dict[str, float]:
     """Runs the requested sections on `device`, appending rows; returns the torch.mm peak of each dtype."""
     sections = _names(args.sections, SECTION_NAMES, "section(s)")
     dtypes = _names(args.dtypes, list(DTYPES), "dtype(s)")
     if device.type == "cpu" and getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
+    if device.type != "cuda" and any(s in GPU_SECTIONS for s in sections):
+        print(f"  sections {', '.join(s for s in sections if s in GPU_SECTIONS)} run on a CUDA device only: "
+              "skipped here", file=sys.stderr)
+        sections = [s for s in sections if s not in GPU_SECTIONS]
     runner = Runner(args, device, rows)
     peaks: Dict[str, float] = {}
     with warnings.catch_warnings():
@@ -240,6 +365,10 @@ def run(args: argparse.Namespace, device: torch.device, rows: List[Row]) -> Dict
                 training_sections(runner, sections, dtype_name, peak)
             if "infer" in sections:
                 infer_section(runner, dtype_name, peak)
+            if "attn" in sections:
+                attention_section(runner, dtype_name, peak)
+            if "packed" in sections:
+                packed_step_section(runner, dtype_name, peak)
     return peaks
 
 
