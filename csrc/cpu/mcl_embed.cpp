@@ -58,13 +58,18 @@ using cpu::round_up;
 // Large tokens per tile (times k*k small tokens; whole large rows, so 98 = 2 images and 63 = 9 rows of 7 at
 // 224x224 / 32). Tiles of 49 to 196 large tokens ran within noise of each other on a 2-core AVX-512 machine
 // (fp32 and bf16, D = 384): GEMMs over fewer rows lose speed, larger tiles cost memory. The backward holds a
-// round of tiles' weight-gradient operands at once, so its tiles are the smaller: with these sizes one fp32
+// round of tiles' weight-gradient operands at once, so in fp32 its tiles are the smaller: with these sizes one fp32
 // training step at B = 64, D = 384 peaks at 0.55x the eager reference's memory (benchmarks/kernels.py). Each
 // round also streams the fp32 weight-gradient accumulators once, which costs bf16's faster GEMMs relatively
-// more: the backward's tiles hold kBackwardTileTokens * 4 / sizeof(operand) tokens (fp32: 64, bf16: 128; the
-// same bytes), measured ~12% faster for the bf16 backward than 64 tokens.
+// more: the backward's tiles hold backward_tile_tokens<operand>() tokens. fp32: 64. bf16: 256, measured against
+// 128 in alternating runs (D = 384, B = 64, fwd+bwd vs the eager reference in the same run: 1.06-1.23x against
+// 0.99-1.07x; 392 gave 1.05x), at 43.6 instead of 37.5 MiB peak (eager: 52.3); 128 had been ~12% faster
+// than 64.
 constexpr int64_t kForwardTileTokens = 98;
-constexpr int64_t kBackwardTileTokens = 64;
+template <typename O>
+constexpr int64_t backward_tile_tokens() {
+  return sizeof(O) == 2 ? 256 : 256 / int64_t(sizeof(O));  // fp64: 32, fp32: 64 (the same bytes)
+}
 
 template <typename T>
 T* ptr(const at::Tensor& t) {
@@ -662,7 +667,7 @@ std::vector<OptTensor> embed_backward(const at::Tensor& g_small, const at::Tenso
                                       needs[6] && decomp_b.has_value()};
   const bool has_gs = g_small.defined();
 
-  const Tiling tl(g, at::get_num_threads(), kBackwardTileTokens * 4 / int64_t(sizeof(O)));
+  const Tiling tl(g, at::get_num_threads(), backward_tile_tokens<O>());
   const int64_t tmax = tl.max_tokens(g), tsmax = tmax * k2, ldst = tl.nslots * round_up(tsmax, ka);
   LevelBackward<scalar_t> level(gemm, g, tl, g_large, g_recon, comp_w, decomp_w, large, small, level_needs,
                                 need_small, opts, need_small ? tsmax * D * int64_t(sizeof(A)) : 0);
@@ -814,7 +819,7 @@ std::vector<OptTensor> compress_backward(const at::Tensor& g_large, const at::Te
   const bool need_tok = needs[0];
   const std::vector<bool> level_needs{needs[1], needs[2] && comp_b.has_value(), needs[3],
                                       needs[4] && decomp_b.has_value()};
-  const Tiling tl(g, at::get_num_threads(), kBackwardTileTokens * 4 / int64_t(sizeof(O)));
+  const Tiling tl(g, at::get_num_threads(), backward_tile_tokens<O>());
   const int64_t tmax = tl.max_tokens(g);
   LevelBackward<scalar_t> level(gemm, g, tl, g_large, g_recon, comp_w, decomp_w, large, tokens, level_needs,
                                 need_tok, opts, need_tok ? tmax * KD * int64_t(sizeof(A)) : 0);
