@@ -48,21 +48,31 @@ def median_seconds(fn: Callable[[], object], device: torch.device, warmup: int, 
 
 
 def interleaved_median_seconds(fns: Dict[str, Callable[[], object]], device: torch.device, warmup: int,
-                               repeats: int) -> Dict[str, float]:
-    """Median seconds per call of each function, timed in rounds that call each one once in turn: a ratio
-    between them is not skewed by the machine drifting between one function's rounds and the next's (long
-    calls, such as whole training steps, are where that shows)."""
-    for fn in fns.values():
+                               repeats: int, min_round_s: float = 0.0) -> Dict[str, float]:
+    """Median seconds per call of each function, timed in rounds that call each one in turn: a ratio between
+    them is not skewed by the machine drifting between one function's rounds and the next's (long calls, such
+    as whole training steps, and any call on a shared machine are where that shows). A function's turn repeats
+    it until it lasts ``min_round_s`` (its count fixed from one probe call after the warm-up)."""
+    inner: Dict[str, int] = {}
+    for name, fn in fns.items():
         for _ in range(warmup):
             fn()
+        inner[name] = 1
+        if min_round_s > 0:
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            inner[name] = max(1, int(min_round_s / max(time.perf_counter() - start, 1e-9)))
     times: Dict[str, List[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             sync(device)
             start = time.perf_counter()
-            fn()
+            for _ in range(inner[name]):
+                fn()
             sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append((time.perf_counter() - start) / inner[name])
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -214,21 +224,28 @@ def cuda_graphed(fn: Callable[[], object]) -> Callable[[], object]:
 def time_case(rows: List["Row"], device: torch.device, warmup: int, repeats: int, section: str, case: str,
               dtype: str, peak: float, flops: float, shape: Dict[str, int],
               impls: Sequence[Tuple[str, Optional[Callable[[], object]]]], memory: bool = True) -> None:
-    """Time each implementation of one case and append its row; the first one that runs is the baseline of
-    the ratios. One failing peer is reported and skipped, not allowed to hide the other numbers."""
-    base_ms = base_name = None
+    """Time the implementations of one case, in turn round by round (:func:`interleaved_median_seconds`), and
+    append their rows; the first one that runs is the baseline of the ratios. One failing peer (in its warm-up)
+    is reported and skipped, not allowed to hide the other numbers."""
+    live: Dict[str, Callable[[], object]] = {}
     for name, fn in impls:
         if fn is None:
             continue
         try:
-            # On a GPU a call can last microseconds: rounds of >= 20 ms keep launch latency and the host
-            # clock's resolution out of the median.
-            sec = median_seconds(fn, device, warmup, repeats, min_round_s=0.02 if device.type == "cuda" else 0.0)
-            mem = peak_memory(fn, device) if memory else None
+            for _ in range(max(1, warmup)):
+                fn()
         except Exception as exc:  # noqa: BLE001
             print(f"  [{section}/{case}] {name}: skipped ({type(exc).__name__}: {str(exc).splitlines()[0]})",
                   file=sys.stderr)
             continue
+        live[name] = fn
+    # On a GPU a call can last microseconds: turns of >= 20 ms keep launch latency and the host clock's
+    # resolution out of the median.
+    secs = interleaved_median_seconds(live, device, 0, repeats, min_round_s=0.02 if device.type == "cuda" else 0.0)
+    base_ms = base_name = None
+    for name, fn in live.items():
+        sec = secs[name]
+        mem = peak_memory(fn, device) if memory else None
         ms = sec * 1e3
         if base_ms is None:
             base_ms, base_name = ms, name

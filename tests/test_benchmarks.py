@@ -109,6 +109,40 @@ def test_interleaved_timing_calls_each_function_once_per_round():
     assert calls == ["a", "b"] + ["a", "b"] * 3 and set(secs) == {"a", "b"} and min(secs.values()) >= 0
 
 
+def test_interleaved_turns_last_min_round_s_and_report_seconds_per_call():
+    """With ``min_round_s`` each turn repeats its function (a count per function, from a probe call), and the
+    result is per call: a 2 ms call timed in turns of >= 20 ms still reads about 2 ms."""
+    import time
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import harness
+    calls = {"fast": 0, "slow": 0}
+
+    def fast():
+        calls["fast"] += 1
+
+    def slow():
+        calls["slow"] += 1
+        time.sleep(0.002)
+    secs = harness.interleaved_median_seconds({"fast": fast, "slow": slow}, torch.device("cpu"), warmup=0,
+                                              repeats=3, min_round_s=0.02)
+    assert calls["fast"] > 3 * 100 and 3 * 2 <= calls["slow"] <= 1 + 3 * 10
+    assert 0.0015 < secs["slow"] < 0.01 and secs["fast"] < secs["slow"]
+
+
+def test_time_case_reports_a_failing_peer_and_keeps_the_others(capsys):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import harness
+
+    def broken():
+        raise ValueError("no kernel here")
+    rows = []
+    harness.time_case(rows, torch.device("cpu"), 1, 2, "s", "c", "float32", 1.0, 1e6, {},
+                      [("base", lambda: sum(range(1000))), ("broken", broken), ("absent", None),
+                       ("other", lambda: sum(range(2000)))], memory=False)
+    assert [r.impl for r in rows] == ["base", "other"] and all(r.baseline == "base" for r in rows)
+    assert "broken: skipped (ValueError: no kernel here)" in capsys.readouterr().err
+
+
 def test_gpu_sections_run_through_the_interpreter(monkeypatch):
     """The GPU-only sections (attention against SDPA, the packed training step against three passes), called on
     CPU tensors with the Triton kernels interpreted (conftest.py): every row is measured and its ratio is
