@@ -204,8 +204,10 @@ BACKENDS: Dict[str, Backend] = {
 #     packed attention fwd+bwd (197 + 50 + 197 tokens) 6.9x.
 # float32 (the same machine; benchmarks/results/kernels-h100-fp32-partial.log, a run cut at its time limit): the Triton kernels multiply exactly there (tl.dot's "ieee" FMA path, PyTorch's default of no
 # TF32), and lose to cuBLAS: mcl_embed forward 7.17 ms against the reference's 2.32. So on CUDA auto runs the
-# reference for float32 (and float64) inputs; float16 follows bfloat16 (the same kernels and tensor-core dots;
-# not measured separately).
+# reference for float32 (and float64) inputs, except embed_tokens, where the CUDA C++ kernel won (below).
+# float16 (kernels-h100-fp16.json) ranks like bfloat16: mcl_embed forward triton 0.59 ms, reference 2.00;
+# fwd+bwd triton forward + reference backward 1.83, all-Triton 2.76, eager 3.48; embed_tokens triton 0.22,
+# cuda 0.53, reference 3.04.
 # Not measured on a GPU yet, so the reference stays first: mcl_compress (chain levels after the first) and the
 # embed_tokens backward.
 AUTO_ORDER: Dict[str, Tuple[str, ...]] = {
@@ -222,6 +224,11 @@ AUTO_ORDER_PER_OP: Dict[Tuple[str, str], Tuple[str, ...]] = {
 AUTO_ORDER_PER_DTYPE: Dict[Tuple[str, torch.dtype], Tuple[str, ...]] = {
     ("cuda", torch.float32): ("reference",),
     ("cuda", torch.float64): ("reference",),
+}
+# Per (device type, op, input dtype), over all the tables above. embed_tokens in float32 on the H100
+# (benchmarks/results/kernels-h100-fp32-infer.log): cuda 1.13 ms, reference 1.62, triton 1.77 (timm: 1.63).
+AUTO_ORDER_PER_OP_DTYPE: Dict[Tuple[str, str, torch.dtype], Tuple[str, ...]] = {
+    ("cuda", "embed_tokens", torch.float32): ("cuda", "reference"),
 }
 
 
@@ -246,9 +253,13 @@ def requested(name: str) -> str:
 
 
 def auto_order(op: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> Tuple[str, ...]:
-    """The backends ``auto`` tries for ``op`` on ``device`` with ``dtype`` inputs, first choice first."""
-    if dtype is not None and (device.type, dtype) in AUTO_ORDER_PER_DTYPE:
-        return AUTO_ORDER_PER_DTYPE[(device.type, dtype)]
+    """The backends ``auto`` tries for ``op`` on ``device`` with ``dtype`` inputs, first choice first: the most
+    specific table that has an entry (op and dtype, then dtype, then op, then the device type)."""
+    if dtype is not None:
+        if (device.type, op, dtype) in AUTO_ORDER_PER_OP_DTYPE:
+            return AUTO_ORDER_PER_OP_DTYPE[(device.type, op, dtype)]
+        if (device.type, dtype) in AUTO_ORDER_PER_DTYPE:
+            return AUTO_ORDER_PER_DTYPE[(device.type, dtype)]
     return AUTO_ORDER_PER_OP.get((device.type, op), AUTO_ORDER.get(device.type, ("reference",)))
 
 
