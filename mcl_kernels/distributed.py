@@ -85,9 +85,15 @@ def _init_takes_device_id() -> bool:
     return "device_id" in inspect.signature(dist.init_process_group).parameters
 
 
-def teardown() -> None:
-    """Leave the process group (safe to call when there is none)."""
+def teardown(synchronize: bool = False) -> None:
+    """Leave the process group (safe to call when there is none). ``synchronize`` (a run that ended normally on
+    every rank): wait for every rank first. Without it a rank that finishes early (rank 0 still writing its
+    JSON, say) tears gloo's connections down under the others, and a rank then died with SIGABRT ("terminate
+    called without an active exception") in a 2-process CPU run. Not after an error: the other ranks may never
+    reach the barrier."""
     if dist.is_available() and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -199,6 +199,7 @@ def resolve_data_options(args: argparse.Namespace, explicit: set, loaded: Loaded
 
 def run(args: argparse.Namespace, explicit: set) -> Dict[str, Dict[str, float]]:
     env = distributed.init(args.device, args.dist_backend)
+    ok = False
     try:
         log = _cli.Log(env)
         loaded = load_for_eval(args.model, env.device, args.backend, args.use_ema)
@@ -233,9 +234,10 @@ def run(args: argparse.Namespace, explicit: set) -> Dict[str, Dict[str, float]]:
         if args.json and env.is_main:
             _cli.write_json_atomic(args.json, {"model": args.model, "description": loaded.description,
                                                "dataset": label, "img_size": args.img_size, "results": results})
+        ok = True
         return results
     finally:
-        distributed.teardown()
+        distributed.teardown(synchronize=ok)
 
 
 def saved_seed(loaded: Loaded) -> int:

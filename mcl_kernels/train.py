@@ -479,10 +479,13 @@ def run(args: argparse.Namespace, explicit: set) -> Dict[str, Any]:
     resolve_options(args)
 
     env = distributed.init(args.device, args.dist_backend)
+    ok = False
     try:
-        return _run(args, env, resume_state, resume_path)
+        summary = _run(args, env, resume_state, resume_path)
+        ok = True
+        return summary
     finally:
-        distributed.teardown()
+        distributed.teardown(synchronize=ok)
 
 
 def _run(args, env: DistEnv, resume_state, resume_path) -> Dict[str, Any]:

@@ -89,3 +89,20 @@ def test_distributed_eval_counts_each_image_once(tmp_path):
         assert d[branch]["top1"] == pytest.approx(s[branch]["top1"])
         assert d[branch]["top5"] == pytest.approx(s[branch]["top5"])
         assert d[branch]["loss"] == pytest.approx(s[branch]["loss"], rel=1e-5)
+
+
+def test_teardown_waits_for_every_rank_only_after_a_normal_end(monkeypatch):
+    """A normal end waits at a barrier before leaving the group (a rank finishing early had torn gloo's
+    connections down under another, which then aborted); after an error it leaves at once (the other ranks
+    may never reach a barrier)."""
+    import torch.distributed as dist
+    from mcl_kernels import distributed
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroy"))
+    distributed.teardown(synchronize=True)
+    assert calls == ["barrier", "destroy"]
+    calls.clear()
+    distributed.teardown()
+    assert calls == ["destroy"]
