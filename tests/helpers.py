@@ -66,3 +66,24 @@ def make_image(B: int, C: int, H: int, W: int, layout: str = "contiguous", dtype
         return rand(B, C, H, 2 * W, dtype=dtype, device=device)[..., ::2]
     x = rand(B, C, H, W, dtype=dtype, device=device)
     return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
+def mcl_embed_inputs(shape, variant: str = "untied", layout: str = "contiguous", dtype=torch.float32, device="cpu"):
+    """Inputs of the training embedding for a shape ``(B, C, H, W, p, k, D)``: ``(x, proj_w, proj_b, comp_w,
+    comp_b, decomp_w, decomp_b, k)`` drawn in float64 and rounded to ``dtype``, weights scaled so every output
+    is O(1). ``variant``: ``untied``, ``tied`` (decompression ``comp_w.t()``, a strided view), ``nodecomp`` or
+    ``nobias``; ``layout`` as :func:`make_image`."""
+    B, C, H, W, p, k, D = shape
+
+    def r(*size, scale=1.0):
+        return rand(*size, scale=scale, dtype=dtype, device=device)
+
+    x = make_image(B, C, H, W, layout, dtype, device)
+    bias = variant != "nobias"
+    pw = r(D, C, p, p, scale=(C * p * p) ** -0.5)
+    pb = r(D) if bias else None
+    cw = r(D, k * k * D, scale=(k * k * D) ** -0.5)
+    cb = r(D) if bias else None
+    dw = None if variant == "nodecomp" else cw.t() if variant == "tied" else r(k * k * D, D, scale=D ** -0.5)
+    db = r(k * k * D) if bias and variant != "nodecomp" else None
+    return x, pw, pb, cw, cb, dw, db, k

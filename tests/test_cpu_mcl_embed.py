@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import mcl_kernels as mk
-from helpers import assert_close, make_image, rand
+from helpers import assert_close, mcl_embed_inputs, rand
 from mcl_kernels import reference
 
 try:
@@ -54,23 +54,7 @@ def threads(request):
     torch.set_num_threads(before)
 
 
-def make_inputs(shape, variant="untied", layout="contiguous", dtype=torch.float32):
-    """``(x, proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b, k)`` drawn in float64, rounded to ``dtype``,
-    scaled so every output is O(1). Tied decompression is ``comp_w.t()`` (a strided view)."""
-    B, C, H, W, p, k, D = shape
-
-    def r(*size, scale=1.0):
-        return rand(*size, scale=scale, dtype=dtype)
-
-    x = make_image(B, C, H, W, layout, dtype)
-    bias = variant != "nobias"
-    pw = r(D, C, p, p, scale=(C * p * p) ** -0.5)
-    pb = r(D) if bias else None
-    cw = r(D, k * k * D, scale=(k * k * D) ** -0.5)
-    cb = r(D) if bias else None
-    dw = None if variant == "nodecomp" else cw.t() if variant == "tied" else r(k * k * D, D, scale=D ** -0.5)
-    db = r(k * k * D) if bias and variant != "nodecomp" else None
-    return x, pw, pb, cw, cb, dw, db, k
+make_inputs = mcl_embed_inputs  # (x, proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b, k); helpers.py
 
 
 def cast(tensors, dtype):

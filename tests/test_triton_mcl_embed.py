@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import mcl_kernels as mk
-from helpers import assert_close, make_image, rand
+from helpers import assert_close, mcl_embed_inputs
 from mcl_kernels import backends
 from mcl_kernels.reference import mcl_embed as reference
 
@@ -36,23 +36,7 @@ def shape_id(s):
     return "B{}C{}_{}x{}_p{}k{}D{}".format(*s)
 
 
-def make_inputs(shape, variant="untied", layout="contiguous", dtype=torch.float32, device="cpu"):
-    """``(x, proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b, k)`` drawn in float64 and rounded to ``dtype``;
-    weights scaled so every output is O(1). Tied decompression is ``comp_w.t()`` (a strided view)."""
-    B, C, H, W, p, k, D = shape
-
-    def r(*size, scale=1.0):
-        return rand(*size, scale=scale, dtype=dtype, device=device)
-
-    x = make_image(B, C, H, W, layout, dtype, device)
-    bias = variant != "nobias"
-    pw = r(D, C, p, p, scale=(C * p * p) ** -0.5)
-    pb = r(D) if bias else None
-    cw = r(D, k * k * D, scale=(k * k * D) ** -0.5)
-    cb = r(D) if bias else None
-    dw = None if variant == "nodecomp" else cw.t() if variant == "tied" else r(k * k * D, D, scale=D ** -0.5)
-    db = r(k * k * D) if bias and variant != "nodecomp" else None
-    return x, pw, pb, cw, cb, dw, db, k
+make_inputs = mcl_embed_inputs  # (x, proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b, k); helpers.py
 
 
 def converted(inputs, dtype):
