@@ -398,3 +398,52 @@ def test_cuda_compiled_module():
     x = torch.randn(8, 50, 384, device="cuda")
     compiled = torch.compile(m, fullgraph=True)
     assert_close("cuda compiled", compiled(x), m(x), atol=1e-4, rtol=1e-4)
+
+
+# ---- what "auto" runs ------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """Counts calls of the two attention ops through the functional forms."""
+    from mcl_kernels import attention_ops
+    calls = []
+    for name in ("attention", "packed_attention"):
+        real = getattr(attention_ops, name)
+        monkeypatch.setattr(attention_ops, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    return calls
+
+
+def test_auto_runs_sdpa_for_plain_attention_and_per_segment_on_cpu(op_calls):
+    """Measured fastest (attention._auto_runs_sdpa): PyTorch's SDPA for plain attention, and on a CPU SDPA once
+    per segment for packed attention; the results and gradients are the reference's."""
+    q, k, v = leaves(*qkv(2, 2, 7, 8))
+    up = torch.randn(2, 2, 7, 8)
+    for fn, seqlens in ((lambda a, b, c, **kw: mka.attention(a, b, c, 0.3, **kw), (7,)),
+                        (lambda a, b, c, **kw: mka.packed_attention(a, b, c, (3, 1, 3), 0.3, **kw), (3, 1, 3))):
+        got = fn(q, k, v)
+        grads = torch.autograd.grad(got, (q, k, v), up)
+        want = reference.attention_forward(q, k, v, seqlens, 0.3)[0]
+        assert_close("auto out", got, want, atol=1e-5, rtol=1e-5)
+        for name, g, w in zip("qkv", grads, torch.autograd.grad(want, (q, k, v), up)):
+            assert_close(f"auto grad {name}", g, w, atol=1e-5, rtol=1e-5)
+    assert op_calls == []
+
+
+def test_a_named_backend_runs_the_ops(op_calls, monkeypatch):
+    q, k, v = qkv(1, 2, 7, 8)
+    mka.attention(q, k, v, backend="reference")
+    mka.packed_attention(q, k, v, (3, 4), backend="reference")
+    monkeypatch.setenv("MCL_KERNELS_BACKEND", "reference")
+    mka.attention(q, k, v)
+    mka.packed_attention(q, k, v, (3, 4))
+    assert op_calls == ["attention", "packed_attention"] * 2
+
+
+def test_auto_runs_the_packed_kernel_only_for_16_bit_gpu_tensors():
+    from types import SimpleNamespace
+    for is_cuda, dtype, kernel in ((True, torch.bfloat16, True), (True, torch.float16, True),
+                                   (True, torch.float32, False), (False, torch.bfloat16, False)):
+        q = SimpleNamespace(is_cuda=is_cuda, dtype=dtype)
+        assert mka._auto_runs_sdpa(q, "auto", packed=True) is not kernel, (is_cuda, dtype)
+        assert mka._auto_runs_sdpa(q, "auto", packed=False)
+        assert not mka._auto_runs_sdpa(q, "triton", packed=True)
