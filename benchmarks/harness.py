@@ -142,7 +142,8 @@ def device_name(device: torch.device) -> str:
 
 
 def add_cpu_malloc_argument(ap) -> None:
-    ap.add_argument("--cpu-malloc", default="retain", choices=("retain", "default"),
+    from mcl_kernels.cpu_malloc import CHOICES
+    ap.add_argument("--cpu-malloc", default="retain", choices=CHOICES,
                     help="retain (default): glibc keeps freed memory for reuse, as mcl-train does on the CPU "
                          "(mcl_kernels.cpu_malloc; every row of the run is timed under it); default: glibc's "
                          "own settings, which page-fault large activations afresh each step")
@@ -153,10 +154,8 @@ def apply_cpu_malloc(choice: str, device: torch.device) -> str:
     into the printed header and the JSON environment."""
     if device.type != "cpu":
         return "n/a (not a CPU run)"
-    if choice == "default":
-        return "the C library's defaults"
-    from mcl_kernels.cpu_malloc import retain_freed_memory
-    return retain_freed_memory()
+    from mcl_kernels import cpu_malloc
+    return cpu_malloc.apply(choice)
 
 
 def environment(device: torch.device) -> Dict[str, object]:

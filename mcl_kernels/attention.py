@@ -22,31 +22,26 @@ def _scale(q: Tensor, scale: Optional[float]) -> float:
     return float(q.shape[-1] ** -0.5 if scale is None else scale)
 
 
-def _auto_runs_sdpa(q: Tensor, backend: str, packed: bool) -> bool:
-    """Whether ``backend`` (``"auto"`` and no backend named by the environment) runs PyTorch's fused
-    ``scaled_dot_product_attention`` instead of the attention ops. Measured (benchmarks/kernels.py, ``attn``):
-    plain attention, SDPA was the fastest on the H100 (50 / 197 tokens, bf16, B = 256: forward 0.031 / 0.087 ms
-    against the Triton op's 0.245 / 0.41 per eager call; fwd+bwd 0.25 / 0.50 against 1.39 / 1.84) and on the
-    2-core CPU (forward 0.06 / 0.68 ms against the reference op's 0.61 / 0.99; fwd+bwd 0.45 / 1.48 against
-    1.46 / 4.10). Packed attention: the Triton kernel on a GPU in 16-bit (fwd+bwd 1.42 ms against 2.31 for SDPA
-    once per branch), SDPA per branch elsewhere (CPU, 197 + 50 + 197 tokens: 3.35 ms against the reference op's
-    5.62)."""
-    if backends.requested(backend) != "auto":
-        return False
-    if not packed:
-        return True
-    return not (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16))
+def _auto_runs_sdpa(q: Tensor, backend: str, op: str) -> bool:
+    """Whether this call runs PyTorch's fused ``scaled_dot_product_attention`` (once per segment for packed
+    attention) instead of ``op``: on ``"auto"`` (and no backend named by the environment) wherever auto's
+    measured order (backends.py) picks the reference implementation of ``op``, since SDPA computes the same
+    function faster than the reference's math: on the 2-core CPU, forward 0.06 / 0.68 ms against 0.61 / 0.99 at
+    50 / 197 tokens, fwd+bwd 0.45 / 1.48 against 1.46 / 4.10, packed 197 + 50 + 197 fwd+bwd 3.35 against 5.62."""
+    return (backends.requested(backend) == "auto"
+            and backends.resolve(op, "auto", q.device, q.dtype) is backends.REFERENCE_OPS[op])
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, *, backend: str = "auto") -> Tensor:
     """Self-attention ``softmax(q k^T · scale) v``: ``q, k, v [B, H, N, Dh]`` (any strides) -> ``[B, H, N, Dh]``;
     ``scale`` defaults to ``Dh^-0.5``. Differentiable in ``q, k, v``. ``"auto"`` runs PyTorch's fused
-    ``scaled_dot_product_attention``, measured faster than the attention ops for plain attention; a backend
-    named here (or by ``MCL_KERNELS_BACKEND``) runs the ``mcl_kernels::attention`` op."""
+    ``scaled_dot_product_attention`` wherever auto's order picks the reference (everywhere today: measured
+    faster than the attention kernels, see backends.py); a backend named here (or by ``MCL_KERNELS_BACKEND``)
+    runs the ``mcl_kernels::attention`` op."""
     backends.check_name(backend)
     _checks.check_attention(q, k, v, 1.0 if scale is None else scale)
-    if _auto_runs_sdpa(q, backend, packed=False):
-        return F.scaled_dot_product_attention(q, k, v, scale=_scale(q, scale))
+    if _auto_runs_sdpa(q, backend, "attention"):
+        return _sdpa(q, k, v, None, None, False, 0.0, _scale(q, scale))
     return attention_ops.attention(q, k, v, _scale(q, scale), backend)[0]
 
 
@@ -54,13 +49,13 @@ def packed_attention(q: Tensor, k: Tensor, v: Tensor, seqlens: Sequence[int], sc
                      backend: str = "auto") -> Tensor:
     """Block-diagonal self-attention: ``q, k, v [B, H, N, Dh]`` whose ``N`` rows (per image) are segments of
     lengths ``seqlens`` (summing to ``N``); each segment attends only to itself. Equals :func:`attention` on
-    every segment separately, concatenated along ``N``. Differentiable in ``q, k, v``. ``"auto"``: the Triton
-    kernel for bf16/fp16 CUDA tensors, else SDPA once per segment (both measured fastest there); a named backend
+    every segment separately, concatenated along ``N``. Differentiable in ``q, k, v``. ``"auto"``: the kernel
+    auto's order picks (the Triton one for bf16/fp16 CUDA tensors), else SDPA once per segment; a named backend
     runs the ``mcl_kernels::packed_attention`` op."""
     backends.check_name(backend)
     seqlens = list(seqlens) if not isinstance(seqlens, (int, Tensor)) else seqlens
     _checks.check_packed_attention(q, k, v, seqlens, 1.0 if scale is None else scale)
-    if _auto_runs_sdpa(q, backend, packed=True):
+    if _auto_runs_sdpa(q, backend, "packed_attention"):
         return _sdpa(q, k, v, seqlens, None, False, 0.0, _scale(q, scale))
     return attention_ops.packed_attention(q, k, v, seqlens, _scale(q, scale), backend)[0]
 

@@ -201,7 +201,10 @@ BACKENDS: Dict[str, Backend] = {
 #     outputs, whichever backend made them).
 #   embed_tokens: triton 0.17, cuda 0.50, reference 3.02 (timm PatchEmbed + cat + add: 3.02).
 #   attention ops vs the reference ops (run 1): forward 2.7x (50 tokens) / 15x (197), fwd+bwd 1.6x / 4.2x;
-#     packed attention fwd+bwd (197 + 50 + 197 tokens) 6.9x.
+#     packed attention fwd+bwd (197 + 50 + 197 tokens) 6.9x. But plain attention on auto runs PyTorch's SDPA
+#     wherever the reference is auto's pick (attention.py), and SDPA beat the Triton op: forward 0.031 / 0.087
+#     against 0.245 / 0.41 per eager call, fwd+bwd 0.25 / 0.50 against 1.39 / 1.84; so the plain attention ops
+#     stay on the reference. Packed, the Triton kernel beat SDPA once per branch (fwd+bwd 1.42 against 2.31).
 # float32 (the same machine; benchmarks/results/kernels-h100-fp32-partial.log, a run cut at its time limit): the Triton kernels multiply exactly there (tl.dot's "ieee" FMA path, PyTorch's default of no
 # TF32), and lose to cuBLAS: mcl_embed forward 7.17 ms against the reference's 2.32. So on CUDA auto runs the
 # reference for float32 (and float64) inputs, except embed_tokens, where the CUDA C++ kernel won (below).
@@ -219,6 +222,8 @@ AUTO_ORDER_PER_OP: Dict[Tuple[str, str], Tuple[str, ...]] = {
     ("cuda", "mcl_compress"): ("reference", "triton"),
     ("cuda", "mcl_compress_backward"): ("reference", "triton"),
     ("cuda", "embed_tokens_backward"): ("reference", "cuda", "triton"),
+    ("cuda", "attention"): ("reference", "triton"),
+    ("cuda", "attention_backward"): ("reference", "triton"),
 }
 # Per (device type, input dtype), over the two tables above.
 AUTO_ORDER_PER_DTYPE: Dict[Tuple[str, torch.dtype], Tuple[str, ...]] = {

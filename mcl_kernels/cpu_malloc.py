@@ -23,7 +23,9 @@ import ctypes
 import os
 import platform
 
-__all__ = ["retain_freed_memory"]
+__all__ = ["retain_freed_memory", "apply", "CHOICES"]
+
+CHOICES = ("retain", "default")  # the --cpu-malloc options of mcl-train and the benchmarks
 
 # glibc <malloc.h>
 _M_TRIM_THRESHOLD = -1
@@ -57,3 +59,11 @@ def retain_freed_memory() -> str:
         _state = ("glibc malloc retains freed memory (M_MMAP_MAX=0, M_TRIM_THRESHOLD=-1)" if ok
                   else f"malloc left as is: {why}")
     return _state
+
+
+def apply(choice: str) -> str:
+    """A program's ``--cpu-malloc`` choice (:data:`CHOICES`): ``retain`` calls :func:`retain_freed_memory`,
+    ``default`` leaves the C library alone. Returns the line to log or record."""
+    if choice not in CHOICES:
+        raise ValueError(f"cpu malloc choice must be one of {CHOICES}, got {choice!r}")
+    return retain_freed_memory() if choice == "retain" else "the C library's defaults"

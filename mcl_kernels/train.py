@@ -31,9 +31,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from . import _cli, checkpoint as ckpt, data, distributed
+from . import _cli, checkpoint as ckpt, cpu_malloc, data, distributed
 from .checkpoint import CheckpointError
-from .cpu_malloc import retain_freed_memory
 from .distributed import DistEnv
 from .loss import RECON_LOSSES
 
@@ -119,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto (the rank's GPU, else CPU), cpu, cuda")
     g.add_argument("--dist-backend", default=None,
                    help="torch.distributed backend (default nccl on GPUs, gloo on CPUs)")
-    g.add_argument("--cpu-malloc", choices=("retain", "default"), default="retain",
+    g.add_argument("--cpu-malloc", choices=cpu_malloc.CHOICES, default="retain",
                    help="CPU runs: retain (default) keeps glibc from returning freed activations to the OS, so each "
                         "step reuses them instead of page-faulting them afresh (mcl_kernels.cpu_malloc); default "
                         "leaves the C library as it is")
@@ -502,7 +501,7 @@ def _run(args, env: DistEnv, resume_state, resume_path) -> Dict[str, Any]:
             + "=" * 78)
 
     if env.device.type == "cpu":
-        log(f"malloc: {retain_freed_memory() if args.cpu_malloc == 'retain' else 'the C library defaults'}")
+        log(f"malloc: {cpu_malloc.apply(args.cpu_malloc)}")
     trainer = Trainer(args, env, log, resume_state)
     paths = ckpt.checkpoint_paths(args.output)
     cfg = trainer.model_config

@@ -439,11 +439,16 @@ def test_a_named_backend_runs_the_ops(op_calls, monkeypatch):
     assert op_calls == ["attention", "packed_attention"] * 2
 
 
-def test_auto_runs_the_packed_kernel_only_for_16_bit_gpu_tensors():
+def test_auto_runs_the_packed_kernel_only_for_16_bit_gpu_tensors(monkeypatch):
+    """Decided by auto's order (backends.py): SDPA wherever it picks the reference. The Triton backend is made
+    available for CUDA devices here, as on a GPU machine."""
+    import dataclasses
     from types import SimpleNamespace
+    monkeypatch.setitem(backends.BACKENDS, "triton",
+                        dataclasses.replace(backends.BACKENDS["triton"], unavailable=lambda device: None))
     for is_cuda, dtype, kernel in ((True, torch.bfloat16, True), (True, torch.float16, True),
                                    (True, torch.float32, False), (False, torch.bfloat16, False)):
-        q = SimpleNamespace(is_cuda=is_cuda, dtype=dtype)
-        assert mka._auto_runs_sdpa(q, "auto", packed=True) is not kernel, (is_cuda, dtype)
-        assert mka._auto_runs_sdpa(q, "auto", packed=False)
-        assert not mka._auto_runs_sdpa(q, "triton", packed=True)
+        q = SimpleNamespace(device=torch.device("cuda" if is_cuda else "cpu"), dtype=dtype)
+        assert mka._auto_runs_sdpa(q, "auto", "packed_attention") is not kernel, (is_cuda, dtype)
+        assert mka._auto_runs_sdpa(q, "auto", "attention")
+        assert not mka._auto_runs_sdpa(q, "triton", "packed_attention")

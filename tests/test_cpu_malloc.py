@@ -64,3 +64,12 @@ def test_a_preloaded_allocator_is_left_alone():
     # the name alone decides; the loader warns that the (absent) library is ignored and the run goes on
     before, after, grown, state = _probe({"LD_PRELOAD": "/nonexistent/libjemalloc.so.2"})
     assert state == "malloc left as is: jemalloc is preloaded"
+
+
+def test_apply_maps_the_command_line_choice():
+    """``default`` leaves the C library alone (nothing is called, so this can run in the test process); an
+    unknown choice is an error that names the valid ones."""
+    from mcl_kernels import cpu_malloc
+    assert cpu_malloc.apply("default") == "the C library's defaults"
+    with pytest.raises(ValueError, match="retain"):
+        cpu_malloc.apply("jemalloc")
