@@ -258,6 +258,37 @@ def test_triton_packed_never_reads_other_segments():
         assert torch.equal(out[:, :, s], alone)
 
 
+def test_offsets_go_64_bit_only_when_an_in_tile_offset_can_pass_2_31():
+    """Per-(image, head) bases are 64-bit anyway; in-tile indices are 32-bit unless rows · row stride (plus one
+    tile of masked rows and the padded head dim) can reach 2^31 -- decided from shapes and strides alone."""
+    from types import SimpleNamespace
+    from mcl_kernels.triton import attention as kernels
+
+    def tensor(N, Dh, s_n, s_d=1):
+        return SimpleNamespace(shape=(2, 6, N, Dh), stride=lambda i, st=(0, 0, s_n, s_d): st[i])
+
+    timm_197 = tensor(197, 64, 3 * 6 * 64)  # a qkv view: rows 1152 elements apart
+    assert not kernels._offsets_64(timm_197)
+    assert not kernels._offsets_64(tensor(2 ** 31 // 4096 - 129, 64, 4096))
+    assert kernels._offsets_64(tensor(2 ** 31 // 4096 - 128, 64, 4096))  # the masked tail tile would pass
+    assert kernels._offsets_64(timm_197, tensor(1, 64, 2 ** 31))  # any one tensor decides
+
+
+@needs_triton
+def test_triton_64_bit_offsets_give_the_same_results(monkeypatch):
+    """The 64-bit index path (taken for huge strides, which no test tensor can afford) computes the same bits."""
+    from mcl_kernels.triton import attention as kernels
+    seqlens = (17, 5, 17)
+    q, k, v = qkv(1, 2, sum(seqlens), 32)
+    up = torch.randn(q.shape)
+    run = lambda a, b, c: mka.packed_attention(a, b, c, seqlens, backend="triton")  # noqa: E731
+    narrow = forward_and_grads(run, q, k, v, up)
+    monkeypatch.setattr(kernels, "_offsets_64", lambda *tensors: True)
+    wide = forward_and_grads(run, q, k, v, up)
+    for name, a, b in zip(("out", "grad q", "grad k", "grad v"), narrow, wide):
+        assert torch.equal(a, b), name
+
+
 @needs_triton
 def test_triton_strided_upstream_gradient_and_empty_batch():
     q, k, v = qkv(2, 1, 9, 16)
