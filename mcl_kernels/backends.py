@@ -192,22 +192,25 @@ BACKENDS: Dict[str, Backend] = {
 # So "auto" runs the C++ kernels on the CPU for every op they cover; the slower corners are small batches
 # (B = 1 in bf16 at D >= 384), where the whole call takes a few milliseconds.
 # CUDA, measured with benchmarks/kernels.py on an H100 80GB HBM3 (torch 2.11, Triton 3.6; bf16, D = 384,
-# B = 256, 224x224, patch 16 x 2; benchmarks/results/kernels-h100.json, and -run1.json before this order),
-# times in ms:
-#   mcl_embed forward: triton 0.54, reference 2.00 (eager autograd) / 2.16 (the op).
-#   mcl_embed forward+backward: triton 3.84 (run 1: 3.23), i.e. its backward alone about 3.3 (2.7); the
-#     reference op 2.84 in run 1 (backward about 0.7); the Triton forward with the reference backward 2.50.
-#     So auto pairs the Triton forward with the reference backward (the backward op reads only the forward's
+# B = 256, 224x224, patch 16 x 2; benchmarks/results/kernels-h100.json, the latest run; -run1.json before this
+# order, -run2.json before the backward's larger GEMM tiles), times in ms:
+#   mcl_embed forward: triton 0.60, reference 1.99 (eager autograd).
+#   mcl_embed forward+backward: the Triton forward with the reference backward 1.39; all-Triton 1.84 (run 2,
+#     before the larger tiles, on a slower host: 3.84); eager 3.47, torch.compile of it 2.28. The backward's
+#     GPU time alone (profiled, one call): Triton 0.77, the reference's cuBLAS GEMMs 0.64; and the Triton
+#     backward's eleven launches cost about 0.8 ms of host time per call against 0.3 for the reference's. So
+#     auto pairs the Triton forward with the reference backward (the backward op reads only the forward's
 #     outputs, whichever backend made them).
-#   embed_tokens: triton 0.17, cuda 0.50, reference 3.02 (timm PatchEmbed + cat + add: 3.02).
-#   attention ops vs the reference ops (run 1): forward 2.7x (50 tokens) / 15x (197), fwd+bwd 1.6x / 4.2x;
-#     packed attention fwd+bwd (197 + 50 + 197 tokens) 6.9x. But plain attention on auto runs PyTorch's SDPA
-#     wherever the reference is auto's pick (attention.py), and SDPA beat the Triton op: forward 0.031 / 0.087
-#     against 0.245 / 0.41 per eager call, fwd+bwd 0.25 / 0.50 against 1.39 / 1.84; so the plain attention ops
-#     stay on the reference. Packed, the Triton kernel beat SDPA once per branch (fwd+bwd 1.42 against 2.31).
-# float32 (the same machine; benchmarks/results/kernels-h100-fp32-partial.log, a run cut at its time limit): the Triton kernels multiply exactly there (tl.dot's "ieee" FMA path, PyTorch's default of no
-# TF32), and lose to cuBLAS: mcl_embed forward 7.17 ms against the reference's 2.32. So on CUDA auto runs the
-# reference for float32 (and float64) inputs, except embed_tokens, where the CUDA C++ kernel won (below).
+#   embed_tokens: triton 0.12, cuda 0.51, reference 3.02 (timm PatchEmbed + cat + add: 3.04).
+#   attention: SDPA beat the Triton op per eager call (forward 0.030 / 0.087 ms at 50 / 197 tokens against
+#     0.137 / 0.157; fwd+bwd 0.18 / 0.43 against 1.13 / 0.85: the Python launch path, not the kernel, sets
+#     those), so plain attention on auto runs SDPA wherever the reference is auto's pick (attention.py), and the
+#     plain attention ops stay on the reference. Packed, the Triton kernel beat SDPA once per branch (fwd+bwd
+#     197 + 50 + 197 tokens: 1.54 against 2.30).
+# float32 (the same machine; benchmarks/results/kernels-h100-fp32-partial.log, a run cut at its time limit): the
+# Triton kernels multiply exactly there (tl.dot's "ieee" FMA path, PyTorch's default of no TF32), and lose to
+# cuBLAS: mcl_embed forward 7.17 ms against the reference's 2.32. So on CUDA auto runs the reference for float32
+# (and float64) inputs, except embed_tokens, where the CUDA C++ kernel won (below).
 # float16 (kernels-h100-fp16.json) ranks like bfloat16: mcl_embed forward triton 0.59 ms, reference 2.00;
 # fwd+bwd triton forward + reference backward 1.83, all-Triton 2.76, eager 3.48; embed_tokens triton 0.22,
 # cuda 0.53, reference 3.04.
