@@ -60,6 +60,14 @@ offered tiling asks for 4-16 KB of shared memory in bf16/fp16 (24-64 KB in fp32,
 Larger tiles (``BLOCK_D = 128``, 128 rows, 64x64 tiles with 64-pixel K steps) fit in shared memory but were
 measured to spill 0.1-2.7 KB of registers, so they are not offered.
 
+No position-embedding epilogue (issue 4 offers one as optional). Kernel A's phase 2 reads ``S`` back and
+kernel B reads ``L`` back, so storing ``S + pos`` or ``L + pos`` would force either a second, position-free copy
+(the traffic the epilogue is meant to save) or subtracting the position embedding again from a rounded sum (not
+the reference's values in 16-bit); the backward's weight gradients would need the position-free ``S`` and ``L``
+as well. What it would save is one elementwise pass over the tokens: by arithmetic 173 MB of bf16 traffic at
+D = 384, B = 256, about 0.06 ms at an H100's 3 TB/s, against a 91 ms MCL-DeiT-S/32 training step
+(`benchmarks/results/kernels-h100.json`). The models add each scale's position embedding where timm does.
+
 Accumulation is fp32 (fp64 for float64 inputs). Like the reference, the compression and decompression GEMMs
 take the *rounded* ``S`` and ``L`` (what the reference's next op reads back), so low-precision results match
 PyTorch's own rounding points.
