@@ -8,9 +8,9 @@ and the stack frame (non-zero: spilled registers).
 
 Run as a script (Triton must not be in interpreter mode: ``TRITON_INTERPRET`` unset) with a JSON list of jobs
 ``{"kernel": "module:function", "arch": 90, "num_warps": 8, "num_stages": 3, "pointers": {"x_ptr": "bf16"},
-"constexprs": {...}, "dtypes": {"ACC_DTYPE": "fp32"}}``; prints one JSON object per job
-``{"shared": bytes, "regs": n, "stack": bytes}``. Integer arguments not named are ``i32``, as Triton types
-small ints; an integer constexpr 1 is what Triton's launcher specializes a unit stride to.
+"scalars": {"scale": "fp32"}, "aligned": ["D"], "constexprs": {...}, "dtypes": {"ACC_DTYPE": "fp32"}}``; prints
+one JSON object per job ``{"shared": bytes, "regs": n, "stack": bytes}``. Scalar arguments not named are ``i32``, as Triton
+types small ints; an integer constexpr 1 is what Triton's launcher specializes a unit stride to.
 """
 import importlib
 import json
@@ -39,9 +39,19 @@ def compile_job(job: dict) -> dict:
     fn = getattr(importlib.import_module(module), name)
     const = dict(job.get("constexprs", {}))
     const.update({k: _TL[v] for k, v in job.get("dtypes", {}).items()})
-    pointers = job["pointers"]
-    sig = {a: "constexpr" if a in const else ("*" + pointers[a] if a in pointers else "i32") for a in fn.arg_names}
-    kernel = triton.compile(ASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", job["arch"], 32),
+    pointers, scalars = job["pointers"], job.get("scalars", {})
+    unknown = (set(const) | set(pointers) | set(scalars) | set(job.get("aligned", []))) - set(fn.arg_names)
+    if unknown:  # a misspelt name would otherwise compile the kernel unspecialized, silently
+        raise ValueError(f"{job['kernel']} has no arguments {sorted(unknown)}")
+    sig = {a: "constexpr" if a in const else ("*" + pointers[a] if a in pointers else scalars.get(a, "i32"))
+           for a in fn.arg_names}
+    # What Triton's launcher tells the compiler at a real launch: tensors from PyTorch's allocators are 16-byte
+    # aligned, and integers divisible by 16 (``aligned``: sizes and strides such as D = 384) are marked so.
+    # Without it the compiler can prove no contiguity, and every load and store is scalar.
+    aligned = [a for a in fn.arg_names if a in pointers] + list(job.get("aligned", []))
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    kernel = triton.compile(ASTSource(fn, sig, constexprs=const, attrs=attrs),
+                            target=GPUTarget("cuda", job["arch"], 32),
                             options=dict(num_warps=job["num_warps"], num_stages=job["num_stages"]))
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "kernel.cubin")
