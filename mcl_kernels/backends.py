@@ -196,8 +196,8 @@ BACKENDS: Dict[str, Backend] = {
 # order, -run2.json before the backward's larger GEMM tiles), times in ms:
 #   mcl_embed forward: triton 0.60, reference 1.99 (eager autograd).
 #   mcl_embed forward+backward: the Triton forward with the reference backward 1.39; all-Triton 1.84 (run 2,
-#     before the larger tiles, on a slower host: 3.84); eager 3.47, torch.compile of it 2.28. The backward's
-#     GPU time alone (profiled, one call): Triton 0.77, the reference's cuBLAS GEMMs 0.64; and the Triton
+#     before the larger tiles, on another machine: 3.84); eager 3.47, torch.compile of it 2.28. The backward's
+#     GPU time alone (profiled, one call): Triton 0.77, the reference 0.64 (cuBLAS and elementwise); and the Triton
 #     backward's eleven launches cost about 0.8 ms of host time per call against 0.3 for the reference's. So
 #     auto pairs the Triton forward with the reference backward (the backward op reads only the forward's
 #     outputs, whichever backend made them).
