@@ -167,6 +167,19 @@ def test_plan_splits_covers_every_row_once():
         assert split >= 1 and split * per >= rows and (split - 1) * per < max(rows, 1), (rows, split, per)
 
 
+def test_plan_splits_on_a_gpu_fills_it_for_128x128_tiles(monkeypatch):
+    """On a GPU (here an H100's 132 SMs, faked): enough (tile, split) programs for two per SM at 128x128 tiles,
+    at most one split per started 256 rows; the rows per split the H100 run tuned for at D = 384, B = 256 (gW_c over
+    12544 large tokens: 1568; gE_s over 50176 small tokens: 3346)."""
+    from types import SimpleNamespace
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    cuda = torch.device("cuda")
+    assert kernel_module.plan_splits(12544, 384, 1536, cuda) == (8, 1568)
+    assert kernel_module.plan_splits(50176, 384, 768, cuda) == (15, 3346)
+    assert kernel_module.plan_splits(300, 384, 768, cuda) == (2, 150)  # 300 rows: 2 splits, not 15
+    assert kernel_module.plan_splits(12544, 4096, 4096, cuda) == (1, 12544)  # 1024 tiles fill the GPU alone
+
+
 @pytest.mark.parametrize("rows_per_split", [7, 16, 10_000], ids=["ragged_many", "one_block_each", "single"])
 def test_weight_gradients_do_not_depend_on_the_split(monkeypatch, rows_per_split):
     """Several ragged splits, exactly one row block per split, and a single split all match the reference."""
