@@ -3,7 +3,8 @@
 Sections (``--sections``, default all):
 - ``fwd``:     the training embedding's forward, pixels -> (S, L, R) (``mcl_kernels.mcl_embed``);
 - ``fwdbwd``:  forward + backward of every weight and bias (the image needs no gradient, as in training), with
-  the peak memory of one step;
+  the peak memory of one step; on a GPU also replayed from a CUDA graph (``kernel-fwd+bwd-graph``: the GPU's
+  time without the host's per-launch overhead);
 - ``infer``:   the merged (deployed) embedding with class token and position embedding: timm's ``PatchEmbed``
   (conv2d) + cat + add (the baseline users run today), torch.compile of it, the reference, and
   ``mcl_kernels.embed_tokens``.
@@ -191,6 +192,12 @@ def training_sections(runner: Runner, sections: Sequence[str], dtype_name: str, 
                     impls.append(("reference (compile)", train(compiled)))
                 impls += [(f"mcl_embed ({b})", train(kernel_fwd(b))) for b in backends]
                 runner.case("kernel-fwd+bwd", case, dtype_name, peak, train_flops, shape, impls, memory=True)
+                if dev.type == "cuda":
+                    # The same steps replayed from a CUDA graph: the GPU's time alone. A step here is about a
+                    # millisecond of GPU work, so the host's launch path can set the eager time (the same code on
+                    # two lent H100 machines: 1.39 and 2.50 ms).
+                    runner.case("kernel-fwd+bwd-graph", case, dtype_name, peak, train_flops, shape,
+                                [(name, harness.cuda_graphed(fn)) for name, fn in impls])
 
 
 def infer_section(runner: Runner, dtype_name: str, peak: float) -> None:
