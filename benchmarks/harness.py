@@ -24,27 +24,10 @@ def sync(device: torch.device) -> None:
 
 def median_seconds(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int,
                    min_round_s: float = 0.0) -> float:
-    """Median seconds per call over ``repeats`` rounds after ``warmup`` calls.
-
-    A round repeats the call until it lasts ``min_round_s`` so that very short calls are not timer noise.
-    """
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    once = max(time.perf_counter() - start, 1e-9)
-    inner = max(1, int(min_round_s / once))
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        sync(device)
-        times.append((time.perf_counter() - start) / inner)
-    return statistics.median(times)
+    """Median seconds per call over ``repeats`` rounds after ``warmup`` calls: :func:`interleaved_median_seconds`
+    of one function. A round repeats the call until it lasts ``min_round_s`` so that very short calls are not
+    timer noise."""
+    return interleaved_median_seconds({"fn": fn}, device, warmup, repeats, min_round_s)["fn"]
 
 
 def interleaved_median_seconds(fns: Dict[str, Callable[[], object]], device: torch.device, warmup: int,

@@ -61,8 +61,8 @@ def _segment_block(pid, seg_ptr, N, NUM_SEG: tl.constexpr, BLOCK: tl.constexpr):
         n_blocks = tl.cdiv(N, BLOCK)
         bh = pid // n_blocks
         start = (pid % n_blocks).to(tl.int32) * BLOCK
-        lo = start * 0
-        hi = lo + N
+        lo = 0
+        hi = N
     else:
         n_blocks = 0
         for s in tl.static_range(NUM_SEG):
@@ -323,15 +323,21 @@ def _check_supported(q: Tensor) -> None:
                          f"{q.shape[-1]}; use backend='reference' (or 'auto') for larger heads")
 
 
-_MAX_BLOCK = 128  # the largest row/key tile of any config: masked rows past a segment still form offsets
+# The largest row/key tile any launch uses: masked rows past a segment's end still form offsets.
+_MAX_BLOCK = max([c.kwargs[b] for c in _FWD_CONFIGS + _DKDV_CONFIGS + _DQ_CONFIGS for b in ("BLOCK_M", "BLOCK_N")]
+                 + list(_INTERPRETER_BLOCKS.values()) + [_DELTA_BLOCK_M])
+
+
+def _block_d(head_dim: int) -> int:
+    """The head-dim tile: the head dim padded to a power of two, at least 16 (``tl.dot``'s minimum)."""
+    return max(16, triton.next_power_of_2(head_dim))
 
 
 def _offsets_64(*tensors: Tensor) -> bool:
     """Whether some in-tile offset ``row·stride_n + col·stride_d`` (rows up to ``N`` plus one tile, columns up to
     the padded head dim) of a ``[B, H, N, Dh]`` tensor can pass 2^31: then indices are 64-bit (``OFFS64``)."""
     for t in tensors:
-        n, d = t.shape[2], max(16, triton.next_power_of_2(t.shape[3]))
-        if (n + _MAX_BLOCK) * t.stride(2) + d * t.stride(3) >= 2 ** 31:
+        if (t.shape[2] + _MAX_BLOCK) * t.stride(2) + _block_d(t.shape[3]) * t.stride(3) >= 2 ** 31:
             return True
     return False
 
@@ -342,7 +348,7 @@ def _flags(q: Tensor) -> dict:
     on_gpu = q.device.type == "cuda"
     dot_in_fp32 = not on_gpu and q.dtype == torch.bfloat16
     return dict(INPUT_PRECISION="ieee" if dot_in_fp32 else input_precision(q.dtype), DOT_IN_FP32=dot_in_fp32,
-                BF16_RTNE=dot_in_fp32, BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])))
+                BF16_RTNE=dot_in_fp32, BLOCK_D=_block_d(q.shape[-1]))
 
 
 def _launch(kernel, autotuned, seqlens, block_key, BH, args, flags):

@@ -287,10 +287,10 @@ def plan_splits(rows: int, M: int, N: int, device: torch.device) -> Tuple[int, i
     """``(SPLIT, rows_per_split)`` for a weight-gradient GEMM reducing ``rows`` token rows into ``[M, N]``.
 
     GPU: enough (tile, split) programs to give every SM two when the tiles are 128x128 (smaller tiles give
-    more), but at least 256 rows per split so each program amortizes its partial store. Counting 64x64 tiles
-    left the GPU half idle whenever the autotuner chose larger ones; measured on an H100 (bf16, D = 384,
-    B = 256) the weight-gradient GEMMs took 0.73 ms instead of 0.91, the larger partials costing 20 µs more to
-    sum. Interpreter: a short fixed range, so test-sized problems reduce over several splits."""
+    more), but no more splits than started 256-row blocks, so each program amortizes its partial store.
+    Counting 64x64 tiles left the GPU half idle whenever the autotuner chose larger ones; measured on an H100
+    (bf16, D = 384, B = 256) the backward's GEMMs took 0.74 ms instead of 0.91, the larger partials costing
+    20 µs more to sum. Interpreter: a short fixed range, so test-sized problems reduce over several splits."""
     if rows <= 0:
         return 1, 0
     if device.type != "cuda":
