@@ -89,6 +89,28 @@ def test_low_precision_within_twice_torch_error(shape, dtype, layout):
     assert our_err <= 2 * torch_err + 1e-3, f"{dtype}: error {our_err:.3g} vs torch's own {torch_err:.3g}"
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(7, 3, 28, 42, 24, 14), (61, 2, 12, 20, 7, 4)], ids=["B7", "B61"])
+def test_tiles_of_patch_rows_across_images_and_threads(shape, dtype, threads):
+    """The CPU kernel splits the batch's patch rows into equal tiles, several per thread once the rows pass
+    160 per thread: tiles that start and end inside a patch row and span images must give the same rows."""
+    inputs = make_inputs(shape, "bias+cls+pos", "channels_last", dtype=dtype)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = embed(*inputs)
+    finally:
+        torch.set_num_threads(before)
+    exact = reference(*to64(*inputs))
+    if dtype == torch.float32:
+        assert_close(f"embed_tokens {threads} threads", out, exact.float(), atol=1e-4, rtol=1e-4)
+    else:
+        torch_err = (reference(*inputs).double() - exact).abs().max().item()
+        our_err = (out.double() - exact).abs().max().item()
+        assert our_err <= 2 * torch_err + 1e-3, f"error {our_err:.3g} vs torch's own {torch_err:.3g}"
+
+
 def test_cls_token_as_flat_vector_and_empty_batch_shape():
     x, w, b, cls, pos = make_inputs((0, 3, 64, 96, 40, 32), "bias+cls+pos")
     out = embed(x, w, b, cls.reshape(-1), pos)
