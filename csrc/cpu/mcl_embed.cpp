@@ -666,6 +666,10 @@ std::vector<OptTensor> embed_backward(const at::Tensor& g_small, const at::Tenso
   const std::vector<bool> level_needs{needs[3], needs[4] && comp_b.has_value(), needs[5],
                                       needs[6] && decomp_b.has_value()};
   const bool has_gs = g_small.defined();
+  // The VNNI im2col as vector interleaves: with k even, tile rows 2m and 2m + 1 (v even, v + 1) are adjacent
+  // patches, p pixels apart when the image has unit W stride. It took 22% of a bf16 backward (D = 192, B = 16)
+  // element by element.
+  const bool vnni_pairs = gemm.vnni() && std::is_same_v<scalar_t, c10::BFloat16> && k % 2 == 0 && x.stride(3) == 1;
 
   const Tiling tl(g, at::get_num_threads(), backward_tile_tokens<O>());
   const int64_t tmax = tl.max_tokens(g), tsmax = tmax * k2, ldst = tl.nslots * round_up(tsmax, ka);
@@ -726,6 +730,12 @@ std::vector<OptTensor> embed_backward(const at::Tensor& g_small, const at::Tenso
         for_each_patch_row(xp, x.strides(), s, r0, r1, [&](int64_t row, int64_t col0, const scalar_t* px, int64_t sW) {
           copy_pixels(px, sW, s.p, imb + row * K + col0);
         });
+      } else if (vnni_pairs) {  // rows 2m, 2m + 1 are neighbours v, v + 1: p pixels apart in one image row
+        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+          for_each_patch_row(xp, x.strides(), s, r0, r1, [&](int64_t row, int64_t col0, const scalar_t* px, int64_t) {
+            if ((row & 1) == 0) cpu::simd::interleave(px, px + s.p, imb + ((row >> 1) * K + col0) * 2, s.p);
+          });
+        }
       } else {  // VNNI: rows 2m and 2m + 1 interleaved, element by element
         for_each_patch_row(xp, x.strides(), s, r0, r1, [&](int64_t row, int64_t col0, const scalar_t* px, int64_t sW) {
           O* dst = imb + ((row >> 1) * K + col0) * 2 + (row & 1);
