@@ -177,9 +177,21 @@ def write_json(path: str, env: Dict[str, object], peaks: Dict[str, float], rows:
     os.replace(tmp, path)
 
 
+COMPILE_CASES = 256  # compiles of one function a run may need (dynamo's recompile limit is raised to this)
+
+
 def compiled(fn: Callable, no_compile: bool) -> Optional[Callable]:
     """``torch.compile`` of ``fn`` for a comparison row (None: the row is skipped)."""
-    return None if no_compile else torch.compile(fn, fullgraph=True, dynamic=False)
+    if no_compile:
+        return None
+    # The cases of a section compile one function's code object again and again (new shapes, a new closure),
+    # which dynamo counts as recompiles of one frame: at its default limit of 8, fullgraph=True failed the
+    # compile rows of every case after the eighth (a full --widths x --batches grid has 18 per section).
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), COMPILE_CASES))
+    return torch.compile(fn, fullgraph=True, dynamic=False)
 
 
 def cuda_graphed(fn: Callable[[], object]) -> Callable[[], object]:

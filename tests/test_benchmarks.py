@@ -164,3 +164,19 @@ def test_gpu_sections_run_through_the_interpreter(monkeypatch):
     for r in rows:
         assert r.median_ms > 0 and r.ratio > 0
         assert r.baseline in ("SDPA", "SDPA per branch", "three passes"), r
+
+
+def test_compiled_rows_survive_more_cases_than_dynamos_recompile_limit():
+    """Each case of a section compiles the same function code with new shapes; past dynamo's default limit of 8
+    recompiles, fullgraph=True used to fail (and drop) the compile rows of every later case."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import harness
+    outs = []
+    for n in range(1, 12):
+        x = torch.randn(n)
+
+        def fn():
+            return x * 2 + 1
+
+        outs.append(harness.compiled(fn, no_compile=False)())
+        assert torch.equal(outs[-1], x * 2 + 1), n
