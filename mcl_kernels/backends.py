@@ -240,6 +240,31 @@ AUTO_ORDER_PER_OP_DTYPE: Dict[Tuple[str, str, torch.dtype], Tuple[str, ...]] = {
 }
 
 
+# By call size, over all the tables above: (device type, op, input dtype) -> ((widest D, fewest small tokens),
+# ...), widths ascending; a call of width D takes the first entry with D <= widest D, and below its token count
+# auto runs the reference. Measured on the CPU above (benchmarks/kernels.py, B = 1..64 images of 224x224 at patch
+# 16, i.e. 196 small tokens each, D = 192/384/768, three runs of fwd and fwd+bwd; backward = fwd+bwd - fwd):
+# the C++ kernels pack their weights once per call (transposed, or VNNI pairs in bf16) and keep fp32 weight-
+# gradient accumulators, a fixed cost that a few images do not repay once D is large:
+#   mcl_embed forward, reference time / C++ time: fp32 D = 384: B = 1 0.95-0.99, B >= 2 1.00-1.21; D = 768: B = 1
+#     0.79-0.83, B = 2 0.88-0.96, B = 4 0.92-1.00, B >= 8 0.99-1.13. bf16 D = 384: B = 1-2 0.68-1.10 (median
+#     0.87), B >= 4 0.93-1.25; D = 768: B = 1 0.60-0.88, B = 2 0.74-0.86, B = 4 0.93-1.00, B >= 8 1.02-1.12.
+#     D = 192 wins at every batch (1.03-1.51).
+#   mcl_embed backward, bf16 (after its vectorized VNNI im2col): D = 384: B <= 4 0.87-0.95, B = 8-16 0.97-0.99,
+#     B = 32 1.03, B = 64 1.11; D = 768: B = 1 0.56, B = 2 0.74, B = 4 0.80, B = 8-16 0.90-0.94, B = 32 0.97,
+#     B = 64 1.07; D = 192: 0.96-1.17. In fp32 the backward is within noise of the reference at D >= 384
+#     (0.86-1.14) and wins at D = 192: it stays on the C++ kernel, whose training step holds about half the
+#     reference's memory.
+#   embed_tokens and mcl_compress have no size rule: embed_tokens beat the reference at every size measured
+#     (1.02-2.8x), mcl_compress was measured at one size only.
+_ANY_WIDTH = 1 << 62
+AUTO_MIN_TOKENS: Dict[Tuple[str, str, torch.dtype], Tuple[Tuple[int, int], ...]] = {
+    ("cpu", "mcl_embed", torch.float32): ((192, 0), (384, 2 * 196), (_ANY_WIDTH, 8 * 196)),
+    ("cpu", "mcl_embed", torch.bfloat16): ((192, 0), (384, 4 * 196), (_ANY_WIDTH, 8 * 196)),
+    ("cpu", "mcl_embed_backward", torch.bfloat16): ((192, 0), (384, 8 * 196), (_ANY_WIDTH, 32 * 196)),
+}
+
+
 def check_name(name: str) -> str:
     """Validate a backend name (``"auto"`` or a registered one) early, e.g. at module construction."""
     if name != "auto" and name not in BACKENDS:
@@ -260,9 +285,27 @@ def requested(name: str) -> str:
     return name
 
 
-def auto_order(op: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> Tuple[str, ...]:
-    """The backends ``auto`` tries for ``op`` on ``device`` with ``dtype`` inputs, first choice first: the most
+def _below_min_tokens(op: str, device: torch.device, dtype: Optional[torch.dtype],
+                      size: Optional[Tuple[int, int]]) -> bool:
+    """Whether a call of ``size = (tokens, width)`` is below the size where a kernel measured faster than the
+    reference (:data:`AUTO_MIN_TOKENS`)."""
+    rule = AUTO_MIN_TOKENS.get((device.type, op, dtype)) if size is not None else None
+    if rule is None:
+        return False
+    tokens, width = size
+    for widest, fewest in rule:
+        if width <= widest:
+            return tokens < fewest
+    return False
+
+
+def auto_order(op: str, device: torch.device, dtype: Optional[torch.dtype] = None,
+               size: Optional[Tuple[int, int]] = None) -> Tuple[str, ...]:
+    """The backends ``auto`` tries for ``op`` on ``device`` with ``dtype`` inputs, first choice first: the
+    reference alone for a call of ``size = (tokens, width)`` below :data:`AUTO_MIN_TOKENS`, else the most
     specific table that has an entry (op and dtype, then dtype, then op, then the device type)."""
+    if _below_min_tokens(op, device, dtype, size):
+        return ("reference",)
     if dtype is not None:
         if (device.type, op, dtype) in AUTO_ORDER_PER_OP_DTYPE:
             return AUTO_ORDER_PER_OP_DTYPE[(device.type, op, dtype)]
@@ -271,12 +314,13 @@ def auto_order(op: str, device: torch.device, dtype: Optional[torch.dtype] = Non
     return AUTO_ORDER_PER_OP.get((device.type, op), AUTO_ORDER.get(device.type, ("reference",)))
 
 
-def resolve(op: str, name: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> Callable:
-    """The implementation of ``op`` that backend ``name`` runs on ``device`` for ``dtype`` inputs, or a clear
-    error."""
+def resolve(op: str, name: str, device: torch.device, dtype: Optional[torch.dtype] = None,
+            size: Optional[Tuple[int, int]] = None) -> Callable:
+    """The implementation of ``op`` that backend ``name`` runs on ``device`` for ``dtype`` inputs (and, for
+    ``auto``, a call of ``size = (tokens, width)`` where the op has a size rule), or a clear error."""
     name = requested(name)
     if name == "auto":
-        order = auto_order(op, device, dtype)
+        order = auto_order(op, device, dtype, size)
         for candidate in order:
             backend = BACKENDS[candidate]
             if op in backend.ops and backend.unavailable(device) is None:

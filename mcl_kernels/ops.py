@@ -39,6 +39,12 @@ def _grads_to_none(grads: Sequence[Tensor], needs: Sequence[bool]) -> List[Optio
     return [g if need else None for g, need in zip(grads, needs)]
 
 
+def _size(x: Tensor, proj_w: Tensor) -> Tuple[int, int]:
+    """(small tokens, width) of a training-embedding call: what backends.AUTO_MIN_TOKENS is measured in."""
+    p = proj_w.shape[-1]
+    return x.shape[0] * (x.shape[-2] // p) * (x.shape[-1] // p), proj_w.shape[0]
+
+
 def _fake_grads(tensors: Sequence[Optional[Tensor]], needs: Sequence[bool], like: Tensor) -> List[Tensor]:
     # Contiguous, like the real results (`_own`): empty_like would keep a channels_last or permuted input's
     # strides, and compiled graphs check the real strides against these.
@@ -54,7 +60,7 @@ def mcl_embed(x: Tensor, proj_w: Tensor, proj_b: Optional[Tensor], comp_w: Tenso
     """Small tokens ``S``, large tokens ``L`` and reconstructed small tokens ``R`` (empty without decompression)."""
     _checks.check_mcl_embed(x, proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b, k)
     inputs = (x, proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b)
-    s, l, r = backends.resolve("mcl_embed", backend, x.device, x.dtype)(*inputs, k)
+    s, l, r = backends.resolve("mcl_embed", backend, x.device, x.dtype, _size(x, proj_w))(*inputs, k)
     return _own(s, x, inputs), _own(l, x, inputs), _own(r, x, inputs)
 
 
@@ -77,7 +83,7 @@ def mcl_embed_backward(g_small: Optional[Tensor], g_large: Optional[Tensor], g_r
     ``small`` and ``large`` are the forward's outputs (saved, so the reference need not recompute them)."""
     inputs = (x, proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b)
     grads_out = (g_small, g_large, g_recon if decomp_w is not None else None)
-    fn = backends.resolve("mcl_embed_backward", backend, x.device, x.dtype)
+    fn = backends.resolve("mcl_embed_backward", backend, x.device, x.dtype, _size(x, proj_w))
     grads = fn(*grads_out, *inputs, small, large, k, needs)
     return [_own(g, x, inputs + grads_out + (small, large)) for g in grads]
 

@@ -290,6 +290,45 @@ def test_auto_choice_follows_the_measured_order():
         assert backends.resolve("embed_tokens", "cpu", cpu) is backends.BACKENDS["cpu"].ops["embed_tokens"]
 
 
+def test_auto_by_call_size_follows_the_measured_crossovers():
+    """Below the call sizes in AUTO_MIN_TOKENS (where the C++ kernel measured slower than the reference), auto
+    runs the reference; from there on, the order's first choice. A backend named explicitly ignores sizes."""
+    from mcl_kernels import _extension, backends
+    cpu = torch.device("cpu")
+    assert backends.AUTO_MIN_TOKENS, "the size rules are measured data: the table must not be empty"
+    for (device_type, op, dtype), rule in backends.AUTO_MIN_TOKENS.items():
+        assert device_type == "cpu" and op in backends.REFERENCE_OPS
+        widths = [w for w, _ in rule]
+        assert widths == sorted(widths), f"{op} {dtype}: widths must ascend"
+        first = backends.auto_order(op, cpu, dtype)
+        for widest, fewest in rule:
+            if fewest > 0:
+                assert backends.auto_order(op, cpu, dtype, (fewest - 1, widest)) == ("reference",), (op, dtype)
+            assert backends.auto_order(op, cpu, dtype, (fewest, widest)) == first, (op, dtype)
+            if _extension._C is not None and fewest > 0:
+                small = backends.resolve(op, "auto", cpu, dtype, (fewest - 1, widest))
+                assert small is backends.REFERENCE_OPS[op]
+                assert backends.resolve(op, "cpu", cpu, dtype, (fewest - 1, widest)) is backends.BACKENDS["cpu"].ops[op]
+
+
+def test_ops_pass_their_call_size_to_auto(monkeypatch):
+    """The training-embedding op (forward and backward) resolves auto with (small tokens, width) of the call."""
+    from mcl_kernels import backends
+    seen = []
+    real = backends.resolve
+
+    def spy(op, name, device, dtype=None, size=None):
+        seen.append((op, size))
+        return real(op, name, device, dtype, size)
+
+    monkeypatch.setattr(backends, "resolve", spy)
+    x = torch.randn(3, 3, 40, 24)
+    pw, pb, [(k, cw, cb, dw, db)] = mcl_params(C=3, D=12, p=4, ks=[2], requires_grad=True)
+    out = mk.mcl_embed(x, pw, pb, cw, cb, dw, db, compress=k, backend="auto")
+    (out.small.sum() + out.large.sum() + out.recon.sum()).backward()
+    assert ("mcl_embed", (3 * 10 * 6, 12)) in seen and ("mcl_embed_backward", (3 * 10 * 6, 12)) in seen
+
+
 def test_auto_order_on_cuda_follows_the_h100_measurements():
     """On CUDA (backends.py, measured on an H100): the Triton kernels for 16-bit inputs, except the training
     embedding's backward (the reference's cuBLAS GEMMs were faster) and plain attention (SDPA, through the
