@@ -181,16 +181,16 @@ BACKENDS: Dict[str, Backend] = {
 
 # First available backend that implements the op wins: per device type, with per-op exceptions where a
 # measurement says so. CPU, measured with benchmarks/kernels.py (2-core AMD EPYC with AVX-512/AVX512-BF16,
-# 224x224, patch 16 x 2, 2 threads; a shared machine, so +-10% noise): the C++ kernels (tiled, oneDNN brgemm)
-# against the eager reference, ratio of times (> 1: C++ faster):
-#   mcl_embed forward+backward, fp32, D = 192 / 384 / 768: B = 64: 1.37 / 1.11-1.32 / 1.31;
-#     B = 16: 0.99 / 1.07 / 1.08; B = 1: 1.10 / 1.08 / 0.93.  bf16: B = 64: 1.21 / 1.11-1.14 / 1.06;
-#     B = 16: 1.04 / 1.09 / 0.98; B = 1: 1.58 / 0.76 / 0.69 (fixed costs of packing the weights dominate).
+# 224x224, patch 16 x 2, 2 threads; a shared machine, so +-10% noise; the full D x B grid with torch.compile
+# rows: benchmarks/results/kernels-cpu-2core-grid.json): the C++ kernels (tiled, oneDNN brgemm) against the
+# eager reference, ratio of times (> 1: C++ faster):
+#   mcl_embed forward+backward at B = 64, D = 192 / 384 / 768: fp32 1.24-1.37 / 1.02-1.15 / 1.01-1.31;
+#     bf16 1.17-1.23 / 1.09-1.14 / 1.06-1.08. Small batches at D >= 384 lose: see AUTO_MIN_TOKENS below.
 #   mcl_compress forward+backward (one thread, CPU time, 8x8 -> 4x4 grid, D = 384): 1.05-1.15.
-#   embed_tokens (vs timm PatchEmbed + cat + add, patch 32), fp32, D = 384: B = 64: 1.27-1.35; B = 16: 0.96;
-#     B = 1: 1.21.  bf16: B = 64: 1.29-1.30; B = 16: 1.24; B = 1: 2.58.
-# So "auto" runs the C++ kernels on the CPU for every op they cover; the slower corners are small batches
-# (B = 1 in bf16 at D >= 384), where the whole call takes a few milliseconds.
+#   embed_tokens, every D in 192-768 and B in 1-64, fp32 and bf16: 1.02-2.8 (its tiles are equal runs of
+#     patch rows per thread; whole-image tiles had lost at B = 2-16 in fp32).
+# So "auto" runs the C++ kernels on the CPU for every op they cover, except for the small calls in
+# AUTO_MIN_TOKENS.
 # CUDA, measured with benchmarks/kernels.py on an H100 80GB HBM3 (torch 2.11, Triton 3.6; bf16, D = 384,
 # B = 256, 224x224, patch 16 x 2; benchmarks/results/kernels-h100.json, the latest run; -run1.json before this
 # order, -run2.json before the backward's larger GEMM tiles), times in ms:

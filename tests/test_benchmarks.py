@@ -180,3 +180,18 @@ def test_compiled_rows_survive_more_cases_than_dynamos_recompile_limit():
 
         outs.append(harness.compiled(fn, no_compile=False)())
         assert torch.equal(outs[-1], x * 2 + 1), n
+
+
+def test_fma_peak_tool_builds_and_reports(tmp_path):
+    """benchmarks/fma_peak.cpp (the CPU's FMA limit that README divides by) compiles as its header says, and,
+    on a CPU with AVX-512, prints a positive GFLOP/s for one thread and for all."""
+    exe = tmp_path / "fma_peak"
+    src = os.path.join(ROOT, "benchmarks", "fma_peak.cpp")
+    subprocess.run(["g++", "-O2", "-mavx512f", "-mfma", "-pthread", src, "-o", str(exe)], check=True, timeout=120)
+    with open("/proc/cpuinfo") as f:
+        if " avx512f" not in f.read():
+            pytest.skip("this CPU has no AVX-512: the tool builds but cannot run here")
+    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120, check=True).stdout
+    lines = [line for line in out.splitlines() if line.startswith("fp32 FMA peak")]
+    assert lines and lines[0].startswith("fp32 FMA peak, 1 thread:"), out
+    assert all(float(line.split(":")[1].split()[0]) > 0 for line in lines), out
