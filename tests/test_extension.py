@@ -94,14 +94,18 @@ def test_low_precision_within_twice_torch_error(shape, dtype, layout):
 @pytest.mark.parametrize("shape", [(7, 3, 28, 42, 24, 14), (61, 2, 12, 20, 7, 4)], ids=["B7", "B61"])
 def test_tiles_of_patch_rows_across_images_and_threads(shape, dtype, threads):
     """The CPU kernel splits the batch's patch rows into equal tiles, several per thread once the rows pass
-    160 per thread: tiles that start and end inside a patch row and span images must give the same rows."""
+    160 per thread: tiles that start and end inside a patch row and span images must give the same rows, and
+    bitwise the same as on one thread (each output row is one GEMM row, its sum in a fixed order)."""
     inputs = make_inputs(shape, "bias+cls+pos", "channels_last", dtype=dtype)
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
     try:
+        torch.set_num_threads(1)
+        one = embed(*inputs)
+        torch.set_num_threads(threads)
         out = embed(*inputs)
     finally:
         torch.set_num_threads(before)
+    assert torch.equal(out, one), f"{threads} threads differ from 1"
     exact = reference(*to64(*inputs))
     if dtype == torch.float32:
         assert_close(f"embed_tokens {threads} threads", out, exact.float(), atol=1e-4, rtol=1e-4)

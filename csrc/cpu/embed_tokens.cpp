@@ -2,7 +2,9 @@
 // patches are copied into a cache-sized patch matrix (implicit im2col: no [B*N, C*P*P] tensor) and multiplied by the
 // weight with tile_gemm.h's single-threaded brgemm, accumulating onto rows pre-filled with bias + pos[t0 + n],
 // so the epilogue costs no extra pass: fp32 GEMMs write the output rows of each image in place; bf16 GEMMs
-// accumulate in fp32 and round once into the output. The class-token row is a broadcast copy.
+// accumulate in fp32 and round once into the output. The class-token row is a broadcast copy. Every output
+// row is one GEMM row summed in the GEMM's fixed K order, so the result does not depend on the tiling, and so
+// not on the thread count (tested bitwise).
 //
 // Measured against timm's PatchEmbed (oneDNN conv2d, patch 32) + cat + add, see benchmarks/kernels.py: the
 // stride-32 convolution runs well below the GEMM peak, the tiled GEMM close to it.
