@@ -198,7 +198,8 @@ BACKENDS: Dict[str, Backend] = {
 #   mcl_embed forward+backward: the Triton forward with the reference backward 1.39; all-Triton 1.84 (run 2,
 #     before the larger tiles, on another machine: 3.84); eager 3.47, torch.compile of it 2.28. The backward's
 #     GPU time alone (profiled, one call): Triton 0.77, the reference 0.64 (cuBLAS and elementwise); and the Triton
-#     backward's eleven launches cost about 0.8 ms of host time per call against 0.3 for the reference's. So
+#     backward's eleven launches (eight since; not re-measured) cost about 0.8 ms of host time per call against
+#     0.3 for the reference's. So
 #     auto pairs the Triton forward with the reference backward (the backward op reads only the forward's
 #     outputs, whichever backend made them).
 #   embed_tokens: triton 0.12, cuda 0.51, reference 3.02 (timm PatchEmbed + cat + add: 3.04).

@@ -180,7 +180,7 @@ def test_remaining_kernels_compile():
             job["constexprs"].update(tiling, P=16, HAS_ADD=not weight_grad)
             jobs.append(job)
     jobs.append({"kernel": "mcl_kernels.triton.gathered_gemm:_sum_splits_kernel", "arch": 90, "num_warps": 4,
-                 "num_stages": 1, "pointers": {"p_ptr": "fp32", "out_ptr": "bf16"},
+                 "num_stages": 1, "pointers": {"p_ptr": "fp32", "out_ptr": "bf16", "out2_ptr": "bf16"},
                  "constexprs": dict(BF16_RTNE=False, BLOCK=1024), "dtypes": {"ACC_DTYPE": "fp32"}})
     jobs.append({"kernel": "mcl_kernels.triton.attention:_attn_bwd_delta_kernel", "arch": 90, "num_warps": 4,
                  "num_stages": 1, "pointers": {"o_ptr": "bf16", "g_ptr": "bf16", "delta_ptr": "fp32"},

@@ -138,8 +138,9 @@ def _gemm_kernel(
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     if HAS_RSUM:
-        # Row sums of A (bias gradients): one partial per (M tile, split), from the first column tile.
-        tl.store(rsum_ptr + split * M + offs_m, row_sum, mask=mask_m & (pid_n == 0))
+        # Row sums of A (bias gradients): one partial per (M tile, split), from the first column tile; the
+        # splits s_c_split apart, like C's (weight_grad keeps both in one buffer, summed by one launch).
+        tl.store(rsum_ptr + split * s_c_split + offs_m, row_sum, mask=mask_m & (pid_n == 0))
     if HAS_DOT:
         mask_mn = mask_m[:, None] & mask_n[None, :]
         if HAS_ADD:
@@ -150,9 +151,10 @@ def _gemm_kernel(
 
 
 @triton.jit
-def _sum_splits_kernel(p_ptr, out_ptr, numel, SPLIT, ACC_DTYPE: tl.constexpr, BF16_RTNE: tl.constexpr,
-                       BLOCK: tl.constexpr):
-    # The fixed-order end of the weight-gradient reduction: out[e] = Σ_{s = 0..SPLIT-1} partial[s, e].
+def _sum_splits_kernel(p_ptr, out_ptr, out2_ptr, numel, first, SPLIT, ACC_DTYPE: tl.constexpr,
+                       BF16_RTNE: tl.constexpr, BLOCK: tl.constexpr):
+    # The fixed-order end of the weight-gradient reduction: v[e] = Σ_{s = 0..SPLIT-1} partial[s, e], elements
+    # [0, first) into out and [first, numel) into out2 (a weight gradient and its bias: one launch for both).
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < numel
@@ -161,7 +163,9 @@ def _sum_splits_kernel(p_ptr, out_ptr, numel, SPLIT, ACC_DTYPE: tl.constexpr, BF
     for _ in range(0, SPLIT):
         acc += tl.load(ptrs, mask=mask, other=0.0)
         ptrs += numel  # pointer arithmetic is 64-bit: no int32 product split·numel
-    tl.store(out_ptr + offs, round_to(acc, out_ptr.dtype.element_ty, BF16_RTNE), mask=mask)
+    v = round_to(acc, out_ptr.dtype.element_ty, BF16_RTNE)
+    tl.store(out_ptr + offs, v, mask=offs < first)
+    tl.store(out2_ptr + (offs - first), v, mask=mask & (offs >= first))
 
 
 # GPUs: GEMM tilings, tuned once per problem (sizes, rows per split and operand modes). The data GEMMs (forward
@@ -252,8 +256,9 @@ def gemm(a: Operand, b: Optional[Operand], c: Optional[Operand], M: int, N: int,
          add: Optional[Operand] = None, row_sums: Optional[Tensor] = None, split: int = 1,
          rows_per_split: Optional[int] = None, s_c_split: int = 0) -> None:
     """``c = A @ B (+ add)`` over ``R`` reduction rows (``c`` rounded once to its dtype), and/or the row sums of
-    ``A`` into ``row_sums [split, M]`` (``c`` None: row sums only). With ``split > 1`` the reduction is cut
-    into ranges of ``rows_per_split`` rows, range ``s`` written at ``c + s·s_c_split`` (:func:`weight_grad`)."""
+    ``A`` into ``row_sums`` (``c`` None: row sums only). With ``split > 1`` the reduction is cut into ranges
+    of ``rows_per_split`` rows, range ``s`` written at ``c + s·s_c_split`` and its row sums at
+    ``row_sums + s·s_c_split`` (:func:`weight_grad`)."""
     gpu = on_gpu(a.t)
     has_dot = c is not None
     if M == 0 or (has_dot and N == 0):
@@ -312,22 +317,28 @@ def weight_grad(a: Operand, b: Optional[Operand], M: int, N: int, rows: int, geo
     device = a.t.device
     split, per = plan_splits(rows, M, N, device)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    part_w = torch.empty((split, M, N), dtype=acc, device=device) if want_w else None
-    part_b = torch.empty((split, M), dtype=acc, device=device) if want_b else None
-    gemm(a, b if want_w else None, Operand(part_w, PLAIN, 0, (N, 1, 0, 0)) if want_w else None, M, N, rows, geo,
-         row_sums=part_b, split=split, rows_per_split=per, s_c_split=M * N)
-    return (sum_splits(part_w, dtype) if want_w else None), (sum_splits(part_b, dtype) if want_b else None)
+    # Split s of the weight's partial and of the bias's side by side in one row, so one launch sums both (each
+    # Triton launch costs ~70 µs of host time in eager mode, more than this sum's GPU time).
+    nw, nb = (M * N if want_w else 0), (M if want_b else 0)
+    part = torch.empty((split, nw + nb), dtype=acc, device=device)
+    gemm(a, b if want_w else None, Operand(part, PLAIN, 0, (N, 1, 0, 0)) if want_w else None, M, N, rows, geo,
+         row_sums=part[:, nw:] if want_b else None, split=split, rows_per_split=per, s_c_split=nw + nb)
+    g_w, g_b = sum_splits(part, dtype, nw)
+    return (g_w.view(M, N) if want_w else None), (g_b if want_b else None)
 
 
-def sum_splits(partial: Tensor, dtype: torch.dtype) -> Tensor:
-    """``partial [SPLIT, *shape]`` summed over splits in order, rounded once to ``dtype``: ``[*shape]``."""
-    out = torch.empty(partial.shape[1:], dtype=dtype, device=partial.device)
-    numel = out.numel()
-    if numel == 0:
-        return out
+def sum_splits(partial: Tensor, dtype: torch.dtype, first: int) -> Tuple[Tensor, Tensor]:
+    """``partial [SPLIT, n]`` summed over splits in order, rounded once to ``dtype``, as two vectors: elements
+    ``[0, first)`` and ``[first, n)``."""
+    n = partial.shape[1]
+    out = torch.empty(first, dtype=dtype, device=partial.device)
+    out2 = torch.empty(n - first, dtype=dtype, device=partial.device)
+    if n == 0:
+        return out, out2
     gpu = on_gpu(partial)
     block = _SUM_BLOCK["gpu" if gpu else "interpreter"]
-    launch(_sum_splits_kernel)[(triton.cdiv(numel, block),)](
-        partial, out, numel, partial.shape[0], ACC_DTYPE=tl.float64 if partial.dtype == torch.float64 else tl.float32,
+    launch(_sum_splits_kernel)[(triton.cdiv(n, block),)](
+        partial, out if first > 0 else out2, out2 if n > first else out, n, first, partial.shape[0],
+        ACC_DTYPE=tl.float64 if partial.dtype == torch.float64 else tl.float32,
         BF16_RTNE=not gpu and dtype == torch.bfloat16, BLOCK=block)
-    return out
+    return out, out2
