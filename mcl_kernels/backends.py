@@ -184,8 +184,9 @@ BACKENDS: Dict[str, Backend] = {
 # 224x224, patch 16 x 2, 2 threads; a shared machine, so +-10% noise; the full D x B grid with torch.compile
 # rows: benchmarks/results/kernels-cpu-2core-grid.json): the C++ kernels (tiled, oneDNN brgemm) against the
 # eager reference, ratio of times (> 1: C++ faster):
-#   mcl_embed forward+backward at B = 64, D = 192 / 384 / 768: fp32 1.24-1.37 / 1.02-1.15 / 1.01-1.31;
-#     bf16 1.17-1.23 / 1.09-1.14 / 1.06-1.08. Small batches at D >= 384 lose: see AUTO_MIN_TOKENS below.
+#   mcl_embed forward+backward at B = 64, D = 192 / 384 / 768 (runs of 2026-11-24/25): fp32 1.03-1.37 /
+#     0.99-1.15 / 0.98-1.31; bf16 (since its vectorized VNNI im2col) 1.17-1.23 / 1.11-1.17 / 1.01-1.08. Small
+#     batches at D >= 384 lose: see AUTO_MIN_TOKENS below.
 #   mcl_compress forward+backward (one thread, CPU time, 8x8 -> 4x4 grid, D = 384): 1.05-1.15.
 #   embed_tokens, every D in 192-768 and B in 1-64, fp32 and bf16: 1.02-2.8 (its tiles are equal runs of
 #     patch rows per thread; whole-image tiles had lost at B = 2-16 in fp32).
