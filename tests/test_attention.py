@@ -258,6 +258,22 @@ def test_triton_packed_never_reads_other_segments():
         assert torch.equal(out[:, :, s], alone)
 
 
+@needs_triton
+@pytest.mark.parametrize("seqlens", [(7,), (16,), (33,), (17, 5, 17), (16, 1, 32)], ids=lambda s: "_".join(map(str, s)))
+def test_triton_forward_key_masks_on_every_tile_or_the_last_only_agree(monkeypatch, seqlens):
+    """The forward's autotuned MASK_TAIL_ONLY choice (full key tiles unmasked, the ragged last one masked) against
+    masking every tile: the same bits, for segments shorter than a tile, of exact tiles and with a ragged end."""
+    from mcl_kernels.triton import attention as kernels
+    q, k, v = qkv(2, 2, sum(seqlens), 32)
+    outs = []
+    for tail_only in (False, True):
+        monkeypatch.setattr(kernels, "_INTERPRETER_FWD", {"MASK_TAIL_ONLY": tail_only})
+        outs.append(mka.packed_attention(q, k, v, seqlens, backend="triton"))
+    assert torch.equal(outs[0], outs[1])
+    want = sdpa_per_segment(*(t.double() for t in (q, k, v)), seqlens)
+    assert_close(f"{seqlens}", outs[1], want.float(), atol=fp32_atol(32, sum(seqlens)), rtol=1e-5)
+
+
 def test_offsets_go_64_bit_only_when_an_in_tile_offset_can_pass_2_31():
     """Per-(image, head) bases are 64-bit anyway; in-tile indices are 32-bit unless rows · row stride (plus one
     tile of masked rows and the padded head dim) can reach 2^31 -- decided from shapes and strides alone."""

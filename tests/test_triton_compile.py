@@ -117,17 +117,18 @@ def attention_job(kernel, cfg, arch=90, head_dim=64, num_seg=1, offs64=False, ty
 
 def test_attention_kernels_compile_for_h100_and_a100():
     """The tilings the H100 picked at 50, 197 and packed 197+50+197 tokens (forward 64x32, dK/dV 32x128 and
-    16x64, dQ 64x32), the largest offered ones, head dim 128, 64-bit indices and three segments; on an A100 the
-    forward. Each compiles within the GPU's shared memory, and the tuned 16-bit ones spill at most 16 bytes of
+    16x64, dQ 64x32; the forward also with key masks on the last tile only), the largest offered ones, head dim
+    128, 64-bit indices and three segments; on an A100 the forward. Each compiles within the GPU's shared memory, and the tuned 16-bit ones spill at most 16 bytes of
     registers (dK/dV at 32x128 does, with Triton 3.8; it still won the H100's autotuning at 197 tokens)."""
     from mcl_kernels.triton import attention as attn
 
-    def config(configs, m, n, warps, stages):
+    def config(configs, m, n, warps, stages, tail_only=False):
         return next(c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-                    == (m, n, warps, stages))
+                    == (m, n, warps, stages) and c.kwargs.get("MASK_TAIL_ONLY", False) == tail_only)
 
     tuned = [("fwd", config(attn._FWD_CONFIGS, 64, 32, 4, 3)), ("dkdv", config(attn._DKDV_CONFIGS, 32, 128, 4, 3)),
-             ("dkdv", config(attn._DKDV_CONFIGS, 16, 64, 4, 3)), ("dq", config(attn._DQ_CONFIGS, 64, 32, 4, 3))]
+             ("dkdv", config(attn._DKDV_CONFIGS, 16, 64, 4, 3)), ("dq", config(attn._DQ_CONFIGS, 64, 32, 4, 3)),
+             ("fwd", config(attn._FWD_CONFIGS, 64, 32, 4, 3, tail_only=True))]
     jobs = [attention_job(kernel, cfg) for kernel, cfg in tuned]
     jobs += [attention_job(kernel, cfg, num_seg=3, offs64=True) for kernel, cfg in tuned]
     largest = [("fwd", config(attn._FWD_CONFIGS, 128, 128, 8, 3)), ("dkdv", config(attn._DKDV_CONFIGS, 64, 64, 8, 3)),

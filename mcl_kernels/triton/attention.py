@@ -15,6 +15,8 @@ the autotuner picks maps onto the same table.
 Forward (:func:`_attn_fwd_kernel`): one program = ``BLOCK_M`` query rows of one (image, head); online softmax
 over ``BLOCK_N`` key tiles in base 2 (``exp2``, scores pre-scaled by ``scale·log2 e``), fp32 accumulator,
 output divided once at the end; also stores the row log-sum-exp ``lse`` (natural log, fp32) for the backward.
+Key masks: on every key tile, or (``MASK_TAIL_ONLY``, offered to the autotuner next to the same tilings) on the
+segment's ragged last tile only; both compute the same values (bitwise, in the interpreter tests).
 Backward: ``δ = rowsum(dO ⊙ O)`` (:func:`_attn_bwd_delta_kernel`), then two kernels that recompute the softmax
 from ``lse``: :func:`_attn_bwd_dkdv_kernel` (one program per key block, looping over the query blocks of its
 segment) and :func:`_attn_bwd_dq_kernel` (one program per query block, looping over the key blocks of its
@@ -97,13 +99,44 @@ def _index(x, OFFS64: tl.constexpr):
 
 
 @triton.jit
+def _fwd_key_tile(q, k_base, v_base, n0, hi, offs_d, mask_d, sk_n, sk_d, sv_n, sv_d, qk_scale, m_i, l_i, acc,
+                  MASK_KEYS: tl.constexpr, OFFS64: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                  DOT_IN_FP32: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One step of the forward's online softmax over keys ``[n0, n0 + BLOCK_N)``; keys at or past ``hi`` are
+    masked when ``MASK_KEYS`` (a tile that may pass the segment's end), else the tile is known to be full."""
+    offs_n = _index(n0 + tl.arange(0, BLOCK_N), OFFS64)
+    if MASK_KEYS:
+        mask_n = offs_n < hi
+        kt = tl.load(k_base + offs_n[None, :] * sk_n + offs_d[:, None] * sk_d, mask=mask_d[:, None] & mask_n[None, :],
+                     other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * sv_n + offs_d[None, :] * sv_d, mask=mask_n[:, None] & mask_d[None, :],
+                    other=0.0)
+    else:
+        kt = tl.load(k_base + offs_n[None, :] * sk_n + offs_d[:, None] * sk_d, mask=mask_d[:, None], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * sv_n + offs_d[None, :] * sv_d, mask=mask_d[None, :], other=0.0)
+    if DOT_IN_FP32:
+        kt = kt.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale  # log2-scaled scores
+    if MASK_KEYS:
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+    # The first tile of a segment holds at least one valid key, so m_new is finite from the start.
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, seg_ptr,
     H, N, HEAD_DIM: tl.constexpr, qk_scale,
     sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d, so_b, so_h, so_n, so_d,
     NUM_SEG: tl.constexpr, OFFS64: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BF16_RTNE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASK_TAIL_ONLY: tl.constexpr,
 ):
     bh, start, lo, hi = _segment_block(tl.program_id(0).to(tl.int64), seg_ptr, N, NUM_SEG, BLOCK_M)
     b = bh // H
@@ -122,26 +155,18 @@ def _attn_fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    # Keys of this segment only: the blocks off the diagonal are never loaded.
-    for n0 in range(lo, hi, BLOCK_N):
-        offs_n = _index(n0 + tl.arange(0, BLOCK_N), OFFS64)
-        mask_n = offs_n < hi
-        kt = tl.load(k_base + offs_n[None, :] * sk_n + offs_d[:, None] * sk_d, mask=mask_d[:, None] & mask_n[None, :],
-                     other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * sv_n + offs_d[None, :] * sv_d, mask=mask_n[:, None] & mask_d[None, :],
-                    other=0.0)
-        if DOT_IN_FP32:
-            kt = kt.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale  # log2-scaled scores
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        # The first tile of a segment holds at least one valid key, so m_new is finite from the start.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
-        m_i = m_new
+    # Keys of this segment only: the blocks off the diagonal are never loaded. MASK_TAIL_ONLY (an autotuned
+    # choice) runs the segment's full key tiles without key masks and masks only its ragged last tile.
+    if MASK_TAIL_ONLY:
+        hi_full = lo + (hi - lo) // BLOCK_N * BLOCK_N
+    else:
+        hi_full = lo
+    for n0 in range(lo, hi_full, BLOCK_N):
+        m_i, l_i, acc = _fwd_key_tile(q, k_base, v_base, n0, hi, offs_d, mask_d, sk_n, sk_d, sv_n, sv_d, qk_scale,
+                                      m_i, l_i, acc, False, OFFS64, INPUT_PRECISION, DOT_IN_FP32, BLOCK_N)
+    for n0 in range(hi_full, hi, BLOCK_N):
+        m_i, l_i, acc = _fwd_key_tile(q, k_base, v_base, n0, hi, offs_d, mask_d, sk_n, sk_d, sv_n, sv_d, qk_scale,
+                                      m_i, l_i, acc, True, OFFS64, INPUT_PRECISION, DOT_IN_FP32, BLOCK_N)
 
     out = acc / l_i[:, None]
     tl.store(o_ptr + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :] * so_d,
@@ -282,6 +307,12 @@ def _configs(pairs, warps_stages):
 # SDPA at 197 tokens with 64-wide ones at most).
 _FWD_CONFIGS = _configs([(64, 64), (128, 64), (64, 32), (128, 32)], [(4, 2), (4, 3), (8, 3)]) + _configs(
     [(64, 128), (128, 128)], [(4, 2), (8, 2), (8, 3)])
+# Key masks on the ragged last tile only: added without a GPU to measure it (197 keys: 6 full 32-wide tiles and
+# one of 5), so the autotuner decides; offered for the tilings that won or came close on the H100.
+_FWD_CONFIGS = [triton.Config(dict(c.kwargs, MASK_TAIL_ONLY=False), num_warps=c.num_warps, num_stages=c.num_stages)
+                for c in _FWD_CONFIGS] + [
+    triton.Config(dict(c.kwargs, MASK_TAIL_ONLY=True), num_warps=c.num_warps, num_stages=c.num_stages)
+    for c in _configs([(64, 64), (128, 64), (64, 32), (128, 32)], [(4, 2), (4, 3), (8, 3)])]
 _DKDV_CONFIGS = _configs([(32, 64), (32, 128), (64, 64), (16, 64)], [(4, 2), (4, 3), (8, 3)])
 _DQ_CONFIGS = _configs([(64, 32), (128, 32), (64, 64), (32, 32)], [(4, 2), (4, 3), (8, 3)])
 _attn_fwd_autotuned = triton.autotune(configs=_FWD_CONFIGS, key=["N", "HEAD_DIM", "NUM_SEG"])(_attn_fwd_kernel)
@@ -292,6 +323,7 @@ _attn_bwd_dq_autotuned = triton.autotune(configs=_DQ_CONFIGS, key=["N", "HEAD_DI
 # Triton's interpreter (CPU tensors, TRITON_INTERPRET=1): small fixed tiles, so test-sized segments already
 # span several (ragged) blocks.
 _INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
+_INTERPRETER_FWD = {"MASK_TAIL_ONLY": True}  # the forward's key-mask choice there (tests run both)
 _DELTA_BLOCK_M = 64
 
 _SEGMENT_TABLES: Dict[Tuple[Tuple[int, ...], torch.device], Tensor] = {}
@@ -351,7 +383,7 @@ def _flags(q: Tensor) -> dict:
                 BF16_RTNE=dot_in_fp32, BLOCK_D=_block_d(q.shape[-1]))
 
 
-def _launch(kernel, autotuned, seqlens, block_key, BH, args, flags):
+def _launch(kernel, autotuned, seqlens, block_key, BH, args, flags, interpreter_flags=None):
     """One program per (image·head, block of ``block_key`` rows within a segment)."""
     if BH == 0 or sum(seqlens) == 0:
         return
@@ -361,7 +393,8 @@ def _launch(kernel, autotuned, seqlens, block_key, BH, args, flags):
         launch(autotuned)[grid](*args, **flags)
     else:
         blocks = _INTERPRETER_BLOCKS
-        launch(kernel)[(BH * _n_blocks(seqlens, blocks[block_key]),)](*args, **flags, **blocks)
+        launch(kernel)[(BH * _n_blocks(seqlens, blocks[block_key]),)](*args, **flags, **blocks,
+                                                                      **(interpreter_flags or {}))
 
 
 def packed_attention(q: Tensor, k: Tensor, v: Tensor, seqlens: Sequence[int], scale: float) -> Tuple[Tensor, Tensor]:
@@ -376,7 +409,7 @@ def packed_attention(q: Tensor, k: Tensor, v: Tensor, seqlens: Sequence[int], sc
             *q.stride(), *k.stride(), *v.stride(), *out.stride())
     flags = dict(NUM_SEG=len(seqlens), OFFS64=_offsets_64(q, k, v, out), _on_gpu=q.device.type == "cuda",
                  **_flags(q))
-    _launch(_attn_fwd_kernel, _attn_fwd_autotuned, seqlens, "BLOCK_M", B * H, args, flags)
+    _launch(_attn_fwd_kernel, _attn_fwd_autotuned, seqlens, "BLOCK_M", B * H, args, flags, _INTERPRETER_FWD)
     return out, lse
 
 
