@@ -2,10 +2,11 @@
 
 A backend is a named set of op implementations plus a test of whether it can run on a device.
 ``backend="auto"`` (or the ``MCL_KERNELS_BACKEND`` environment variable, which sets what "auto"
-means) picks, per device type and op, the first available backend in :data:`AUTO_ORDER`; asking
-for a backend by name either gets exactly that backend or an error that says why not and how to
-get it. Backward ops a backend has no kernel for fall back to the reference's backward: the
-gradient is defined by the math, not by the forward kernel, so this composition is exact.
+means) picks, per device type and op, the first available backend in :data:`AUTO_ORDER` (and its
+per-op and per-dtype exceptions), or the reference for calls smaller than the measured crossovers in
+:data:`AUTO_MIN_TOKENS`; asking for a backend by name either gets exactly that backend or an error
+that says why not and how to get it. Backward ops a backend has no kernel for fall back to the reference's
+backward: the gradient is defined by the math, not by the forward kernel, so this composition is exact.
 
 Implementation contracts (arguments already validated by `mcl_kernels._checks`; ``needs`` masks
 the gradients to compute; absent results are None):
