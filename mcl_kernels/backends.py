@@ -199,11 +199,10 @@ BACKENDS: Dict[str, Backend] = {
 #   mcl_embed forward: triton 0.60, reference 1.99 (eager autograd).
 #   mcl_embed forward+backward: the Triton forward with the reference backward 1.39; all-Triton 1.84 (run 2,
 #     before the larger tiles, on another machine: 3.84); eager 3.47, torch.compile of it 2.28. The backward's
-#     GPU time alone (profiled, one call): Triton 0.77, the reference 0.64 (cuBLAS and elementwise); and the Triton
-#     backward's eleven launches (eight since; not re-measured) cost about 0.8 ms of host time per call against
-#     0.3 for the reference's. So
-#     auto pairs the Triton forward with the reference backward (the backward op reads only the forward's
-#     outputs, whichever backend made them).
+#     GPU time alone (profiled, one call): Triton 0.77, the reference 0.64 (cuBLAS and elementwise); and the
+#     Triton backward's eleven launches (eight since; not re-measured) cost about 0.8 ms of host time per call
+#     against 0.3 for the reference's. So auto pairs the Triton forward with the reference backward (the
+#     backward op reads only the forward's outputs, whichever backend made them).
 #   embed_tokens: triton 0.12, cuda 0.51, reference 3.02 (timm PatchEmbed + cat + add: 3.04).
 #   attention: SDPA beat the Triton op per eager call (forward 0.030 / 0.087 ms at 50 / 197 tokens against
 #     0.137 / 0.157; fwd+bwd 0.18 / 0.43 against 1.13 / 0.85: the Python launch path, not the kernel, sets

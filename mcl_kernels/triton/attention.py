@@ -298,21 +298,19 @@ def _attn_bwd_dq_kernel(
 
 # GPUs (H100 first): MCL deploys short sequences (50 tokens at 224/32, 197 at /16; packed training rows
 # 2·197 + 50), so the tilings favour one or a few key tiles per segment. Tuned per (N, head dim, segments).
-def _configs(pairs, warps_stages):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+def _configs(pairs, warps_stages, **extra):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, **extra}, num_warps=w, num_stages=s)
             for m, n in pairs for w, s in warps_stages]
 
 
 # 128-wide key tiles: 197 keys in 2 steps instead of 4 (added after the first H100 run: the forward reached 0.63x
 # SDPA at 197 tokens with 64-wide ones at most).
-_FWD_CONFIGS = _configs([(64, 64), (128, 64), (64, 32), (128, 32)], [(4, 2), (4, 3), (8, 3)]) + _configs(
-    [(64, 128), (128, 128)], [(4, 2), (8, 2), (8, 3)])
-# Key masks on the ragged last tile only: added without a GPU to measure it (197 keys: 6 full 32-wide tiles and
-# one of 5), so the autotuner decides; offered for the tilings that won or came close on the H100.
-_FWD_CONFIGS = [triton.Config(dict(c.kwargs, MASK_TAIL_ONLY=False), num_warps=c.num_warps, num_stages=c.num_stages)
-                for c in _FWD_CONFIGS] + [
-    triton.Config(dict(c.kwargs, MASK_TAIL_ONLY=True), num_warps=c.num_warps, num_stages=c.num_stages)
-    for c in _configs([(64, 64), (128, 64), (64, 32), (128, 32)], [(4, 2), (4, 3), (8, 3)])]
+# Key masks on the ragged last tile only (MASK_TAIL_ONLY): added without a GPU to measure it (197 keys: 6 full
+# 32-wide tiles and one of 5), so the autotuner decides; offered for the tilings that won or came close on the H100.
+_FWD_SHORT = ([(64, 64), (128, 64), (64, 32), (128, 32)], [(4, 2), (4, 3), (8, 3)])
+_FWD_CONFIGS = (_configs(*_FWD_SHORT, MASK_TAIL_ONLY=False)
+                + _configs([(64, 128), (128, 128)], [(4, 2), (8, 2), (8, 3)], MASK_TAIL_ONLY=False)
+                + _configs(*_FWD_SHORT, MASK_TAIL_ONLY=True))
 _DKDV_CONFIGS = _configs([(32, 64), (32, 128), (64, 64), (16, 64)], [(4, 2), (4, 3), (8, 3)])
 _DQ_CONFIGS = _configs([(64, 32), (128, 32), (64, 64), (32, 32)], [(4, 2), (4, 3), (8, 3)])
 _attn_fwd_autotuned = triton.autotune(configs=_FWD_CONFIGS, key=["N", "HEAD_DIM", "NUM_SEG"])(_attn_fwd_kernel)
