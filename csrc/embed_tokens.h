@@ -40,6 +40,10 @@ at::Tensor embed_tokens_cpu(const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& cls_token,
                             const std::optional<at::Tensor>& pos_embed, const EmbedShape& s);
 
+// Whether embed_tokens_cpu reads x's pixels directly (cpu/patch_gemm.h) rather than through a patch matrix:
+// float32 or bfloat16 with unit W stride, on a CPU with AVX-512 (and AVX512-BF16 and an even patch for bfloat16).
+bool embed_tokens_cpu_direct(const at::Tensor& x, int64_t patch);
+
 #ifdef MCL_WITH_CUDA
 at::Tensor embed_tokens_cuda(const at::Tensor& x, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias,

@@ -44,5 +44,9 @@ R [B, grid_h*grid_w, D] or None).)doc");
         py::arg("large"), py::arg("grid_h"), py::arg("grid_w"), py::arg("k"), py::arg("needs"),
         py::call_guard<py::gil_scoped_release>(),
         R"doc(Gradients of mcl_compress for (tokens, comp_w, comp_b, decomp_w, decomp_b); needs: 5 flags.)doc");
+  m.def("embed_tokens_cpu_direct", &mcl::embed_tokens_cpu_direct, py::arg("x"), py::arg("patch"),
+        R"doc(Whether embed_tokens on the CPU reads x's pixels directly (AVX-512 micro-kernels) rather than through a
+patch matrix and brgemm: float32, or bfloat16 with an even patch, with unit W stride, on a CPU that has AVX-512F
+(and AVX512-BF16 for bfloat16).)doc");
   m.attr("built_with_cuda") = py::bool_(mcl::built_with_cuda());
 }

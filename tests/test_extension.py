@@ -4,6 +4,8 @@ These tests call the C++/CUDA entry points directly, below the op layer (`mcl_ke
 pin down the native contract: layouts, dtypes, optional parts, and the errors raised from C++.
 """
 
+import platform
+
 import pytest
 import torch
 
@@ -21,9 +23,11 @@ except ModuleNotFoundError as exc:  # not built; any other import failure (ABI, 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device available")
 needs_cuda_build = pytest.mark.skipif(not _C.built_with_cuda, reason="mcl_kernels._C was built without CUDA")
 
-# (B, C, H, W, D, P): batch 0/1/3, non-square images, D not a multiple of 16, patch 14.
+# (B, C, H, W, D, P): batch 0/1/3, non-square images, D not a multiple of 16, patch 14, an odd patch (bf16 then
+# takes the patch-matrix path); patch rows longer than the direct kernel's 7 rows (9 -> 5 + 4, 16 -> 6 + 5 + 5)
+# and widths over one 64-column panel with a ragged last one (100 = 64 + 36, 130 = 64 + 64 + 2).
 SHAPES = [(0, 3, 64, 96, 40, 32), (1, 3, 64, 96, 40, 32), (3, 3, 64, 96, 40, 32), (2, 2, 12, 20, 7, 4),
-          (2, 3, 28, 42, 24, 14)]
+          (2, 3, 28, 42, 24, 14), (2, 3, 15, 25, 20, 5), (3, 3, 16, 36, 100, 4), (2, 3, 28, 224, 130, 14)]
 # Which optional parts are given; "pos3" is the position embedding as [1, T, D] instead of [T, D].
 PARTS = ["", "bias", "cls", "pos", "pos3", "bias+cls+pos", "bias+cls+pos3", "cls+pos", "bias+pos3"]
 LAYOUTS = ["contiguous", "channels_last", "sliced"]
@@ -91,12 +95,15 @@ def test_low_precision_within_twice_torch_error(shape, dtype, layout):
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(7, 3, 28, 42, 24, 14), (61, 2, 12, 20, 7, 4)], ids=["B7", "B61"])
-def test_tiles_of_patch_rows_across_images_and_threads(shape, dtype, threads):
-    """The CPU kernel splits the batch's patch rows into equal tiles, several per thread once the rows pass
-    160 per thread: tiles that start and end inside a patch row and span images must give the same rows, and
-    bitwise the same as on one thread (each output row is one GEMM row, its sum in a fixed order)."""
-    inputs = make_inputs(shape, "bias+cls+pos", "channels_last", dtype=dtype)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])  # the direct kernel where the CPU has it; tiles
+@pytest.mark.parametrize("shape", [(7, 3, 28, 42, 24, 14), (61, 2, 12, 20, 7, 4), (9, 3, 16, 36, 100, 4)],
+                         ids=["B7", "B61", "B9"])
+def test_tiles_of_patch_rows_across_images_and_threads(shape, dtype, layout, threads):
+    """The CPU kernel splits the batch's patches into equal tiles, several per thread once they pass 160 per
+    thread, of whole patch rows when there are 8 per tile: tiles that start and end inside a patch row and span
+    images must give the same rows, and bitwise the same as on one thread (each output element is one sum in a
+    fixed order)."""
+    inputs = make_inputs(shape, "bias+cls+pos", layout, dtype=dtype)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -113,6 +120,29 @@ def test_tiles_of_patch_rows_across_images_and_threads(shape, dtype, threads):
         torch_err = (reference(*inputs).double() - exact).abs().max().item()
         our_err = (out.double() - exact).abs().max().item()
         assert our_err <= 2 * torch_err + 1e-3, f"error {our_err:.3g} vs torch's own {torch_err:.3g}"
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return None
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or _cpu_flags() is None,
+                    reason="the direct kernels are x86-64 AVX-512 code; the CPU's flags come from /proc/cpuinfo")
+def test_direct_kernel_runs_where_the_cpu_has_avx512():
+    """The direct path (pixels straight from the image) is taken exactly where the CPU has the instructions and
+    the input suits it: fp32 with AVX-512F, bf16 with AVX512-BF16 and an even patch, unit W stride only."""
+    flags = set(_cpu_flags())
+    x = torch.zeros(1, 3, 8, 8)
+    assert _C.embed_tokens_cpu_direct(x, 4) == ("avx512f" in flags)
+    assert _C.embed_tokens_cpu_direct(x.bfloat16(), 4) == ("avx512f" in flags and "avx512_bf16" in flags)
+    assert not _C.embed_tokens_cpu_direct(x.bfloat16(), 1)  # odd patch: bf16 pairs would straddle patches
+    assert not _C.embed_tokens_cpu_direct(x.contiguous(memory_format=torch.channels_last), 4)
+    assert not _C.embed_tokens_cpu_direct(x.half(), 4)
+    assert not _C.embed_tokens_cpu_direct(x.double(), 4)
 
 
 def test_cls_token_as_flat_vector_and_empty_batch_shape():

@@ -1,13 +1,16 @@
-// embed_tokens on the CPU: tiles of patch rows, the same number per thread (at::parallel_for). Per tile the
-// patches are copied into a cache-sized patch matrix (implicit im2col: no [B*N, C*P*P] tensor) and multiplied by the
-// weight with tile_gemm.h's single-threaded brgemm, accumulating onto rows pre-filled with bias + pos[t0 + n],
-// so the epilogue costs no extra pass: fp32 GEMMs write the output rows of each image in place; bf16 GEMMs
-// accumulate in fp32 and round once into the output. The class-token row is a broadcast copy. Every output
-// row is one GEMM row summed in the GEMM's fixed K order, so the result does not depend on the tiling, and so
-// not on the thread count (tested bitwise).
+// embed_tokens on the CPU: tiles of patch rows, the same number per thread (at::parallel_for), each output row
+// starting from bias + pos[t0 + n], so the epilogue costs no extra pass. Two ways through a tile:
+//   direct (fp32 and bf16 images with unit W stride, AVX-512 CPUs; embed_tokens_cpu_direct): patch_gemm.h's
+//     micro-kernels read the pixels straight from the image, no patch matrix at all;
+//   tiles (any dtype and strides, any CPU): the patches copied into a cache-sized patch matrix (implicit im2col:
+//     no [B*N, C*P*P] tensor), multiplied by the weight with tile_gemm.h's single-threaded brgemm.
+// fp32 accumulates in the output rows in place; bf16 in fp32, rounded once into the output. The class-token row
+// is a broadcast copy. Every output element is one sum in a fixed K order, so the result does not depend on the
+// tiling, and so not on the thread count (tested bitwise).
 //
 // Measured against timm's PatchEmbed (oneDNN conv2d, patch 32) + cat + add, see benchmarks/kernels.py: the
-// stride-32 convolution runs well below the GEMM peak, the tiled GEMM close to it.
+// stride-32 convolution runs well below the FMA limit; the direct kernel at ~90% of it, ~8% faster than the
+// patch matrix + brgemm (D = 384, B = 64, fp32 and bf16, 2 threads).
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
@@ -18,6 +21,7 @@
 #include <ATen/Parallel.h>
 
 #include "../embed_tokens.h"
+#include "patch_gemm.h"
 #include "tile_gemm.h"
 
 namespace mcl {
@@ -36,59 +40,128 @@ using cpu::round_up;
 // below ~8 images per thread (B = 8 at 2 threads: 3 + 5 images, 0.87x the reference's time in fp32).
 constexpr int64_t kTilePatches = 160;
 
+// What both paths share: the rows' starting values and the tiling.
+template <typename A>
+struct Plan {
+  std::vector<A> add;  // row n of every image starts from add[n] = bias + pos[t0 + n] (zeros when neither given)
+  // Tile t holds patch rows [t * units / ntiles, (t + 1) * units / ntiles) * unit of the flat (b, n) order;
+  // thread `slot` runs tiles [slot * per_slot, (slot + 1) * per_slot).
+  int64_t rows, slots, per_slot, ntiles, unit = 1, units;
+
+  Plan(const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& pos_embed, const EmbedShape& s)
+      : add(s.N * s.D, A(0)) {
+    const int64_t D = s.D, N = s.N;
+    const auto acc = c10::CppTypeToScalarType<A>::value;
+    if (pos_embed.has_value()) {
+      const at::Tensor pos = pos_embed->reshape({s.T, D}).narrow(0, s.t0, N).to(acc).contiguous();
+      std::copy_n(static_cast<const A*>(pos.data_ptr()), N * D, add.begin());
+    }
+    if (bias.has_value()) {
+      const at::Tensor b = bias->to(acc).contiguous();
+      const A* bp = static_cast<const A*>(b.data_ptr());
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t d = 0; d < D; ++d) add[n * D + d] += bp[d];
+      }
+    }
+    rows = s.B * N;
+    slots = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
+    per_slot = std::max<int64_t>(1, (rows + kTilePatches * slots - 1) / (kTilePatches * slots));
+    ntiles = per_slot * slots;
+    units = rows;
+  }
+  // Tiles of whole image patch rows when there are at least 8 per tile (a tile edge inside a patch row splits
+  // it into two short runs), else of patches, for balance at small batches.
+  void whole_patch_rows(const EmbedShape& s) {
+    if (s.B * s.Hp >= 8 * ntiles) unit = s.Wp, units = s.B * s.Hp;
+  }
+  int64_t row0(int64_t tile) const { return tile * units / ntiles * unit; }
+  int64_t row1(int64_t tile) const { return (tile + 1) * units / ntiles * unit; }
+};
+
+// Calls f(b, n, j, m) for runs of m <= kMaxRows consecutive patches (n .. n + m - 1 of image b, starting at
+// column j of their patch row) covering rows [r0, r1): each patch row's run split as evenly as it goes.
+template <typename F>
+void for_each_run(const EmbedShape& s, int64_t r0, int64_t r1, F&& f) {
+  for (int64_t r = r0; r < r1;) {
+    const int64_t b = r / s.N, n = r % s.N, j0 = n % s.Wp;
+    const int64_t run = std::min(s.Wp - j0, r1 - r);
+    const int64_t parts = (run + cpu::patch_gemm::kMaxRows - 1) / cpu::patch_gemm::kMaxRows;
+    for (int64_t h = 0; h < parts; ++h) {
+      const int64_t first = run * h / parts, m = run * (h + 1) / parts - first;
+      f(b, n + first, j0 + first, m);
+    }
+    r += run;
+  }
+}
+
+// fp32 and bf16 with unit W stride on AVX-512 CPUs: pixels straight from the image (patch_gemm.h). Panel by
+// panel of the weight (kPanel output columns, ~768 KiB at D = 384, patch 32: it stays in L2 while the tile's
+// patches stream past), run by run of patches.
 template <typename scalar_t>
-void embed_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-               const std::optional<at::Tensor>& pos_embed, const EmbedShape& s, at::Tensor& out) {
+void embed_direct(const at::Tensor& x, const at::Tensor& w2d, const Plan<float>& plan, const EmbedShape& s,
+                  at::Tensor& out) {
+  namespace pg = cpu::patch_gemm;
+  const int64_t D = s.D, P = s.P, K = s.C * P * P, Q = pg::panels(D), panel = K * pg::kPanel;
+  at::Tensor wp = at::empty({Q * panel}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  scalar_t* wpp = static_cast<scalar_t*>(wp.data_ptr());
+  const auto* w = static_cast<const scalar_t*>(w2d.data_ptr());
+  at::parallel_for(0, Q, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) pg::pack_panel(w, D, K, q, wpp + q * panel);
+  });
+  const auto* xp = static_cast<const scalar_t*>(x.const_data_ptr());
+  const int64_t sB = x.stride(0), sC = x.stride(1), sH = x.stride(2);
+  scalar_t* op = static_cast<scalar_t*>(out.data_ptr());
+  const float* add = plan.add.data();
+  at::parallel_for(0, plan.slots, 1, [&](int64_t s0, int64_t s1) {
+    float sums[pg::kMaxRows * pg::kPanel];  // bf16: a block's fp32 sums, rounded once into the output
+    for (int64_t tile = s0 * plan.per_slot; tile < s1 * plan.per_slot; ++tile) {
+      for (int64_t q = 0; q < Q; ++q) {
+        const int64_t d0 = q * pg::kPanel, cols = std::min(pg::kPanel, D - d0);
+        for_each_run(s, plan.row0(tile), plan.row1(tile), [&](int64_t b, int64_t n, int64_t j, int64_t m) {
+          const scalar_t* px = xp + b * sB + (n / s.Wp) * P * sH + j * P;
+          scalar_t* dst = op + (b * s.T + s.t0 + n) * D + d0;
+          if constexpr (std::is_same_v<scalar_t, float>) {
+            pg::run(px, sC, sH, P, s.C, m, wpp + q * panel, cols, add + n * D + d0, D, dst, D);
+          } else {
+            pg::run(px, sC, sH, P, s.C, m, wpp + q * panel, cols, add + n * D + d0, D, sums, pg::kPanel);
+            for (int64_t r = 0; r < m; ++r) convert_n(sums + r * pg::kPanel, dst + r * D, cols);
+          }
+        });
+      }
+    }
+  });
+}
+
+// Any dtype and strides: per tile, the patches copied into a patch matrix, times the packed weight by brgemm.
+template <typename scalar_t>
+void embed_tiles(const at::Tensor& x, const at::Tensor& w2d, const Plan<acc_type<scalar_t>>& plan,
+                 const EmbedShape& s, at::Tensor& out) {
   using O = op_type<scalar_t>;
   using A = acc_type<scalar_t>;
   constexpr bool kDirect = std::is_same_v<A, scalar_t>;  // the GEMM accumulates in the output itself
   const Gemm<O> gemm;
   const int64_t D = s.D, N = s.N, P = s.P, K = s.C * P * P, Kp = round_up(K, gemm.k_align());
-
-  // B = weight^T [K, D] in the GEMM's layout.
-  const at::Tensor w2d = weight.reshape({D, K}).contiguous();
-  at::Tensor wb = at::empty({Kp * D}, at::TensorOptions().dtype(c10::CppTypeToScalarType<O>::value));
-  cpu::pack_b_transposed(gemm, static_cast<const scalar_t*>(w2d.data_ptr()), K, K, Kp, D,
-                         static_cast<O*>(wb.data_ptr()));
-
-  // Row n of every image starts from add[n] = bias + pos[t0 + n] (zeros when neither is given).
-  std::vector<A> add(N * D, A(0));
-  if (pos_embed.has_value()) {
-    const at::Tensor pos = pos_embed->reshape({s.T, D}).narrow(0, s.t0, N).to(c10::CppTypeToScalarType<A>::value)
-                               .contiguous();
-    std::copy_n(static_cast<const A*>(pos.data_ptr()), N * D, add.begin());
-  }
-  if (bias.has_value()) {
-    const at::Tensor b = bias->to(c10::CppTypeToScalarType<A>::value).contiguous();
-    const A* bp = static_cast<const A*>(b.data_ptr());
-    for (int64_t n = 0; n < N; ++n) {
-      for (int64_t d = 0; d < D; ++d) add[n * D + d] += bp[d];
-    }
-  }
-
-  // Tile t holds patch rows [t * rows / ntiles, (t + 1) * rows / ntiles) of the flat (b, n) order; thread
-  // `slot` runs tiles [slot * per_slot, (slot + 1) * per_slot).
-  const int64_t rows = s.B * N;
-  const int64_t slots = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
-  const int64_t per_slot = std::max<int64_t>(1, (rows + kTilePatches * slots - 1) / (kTilePatches * slots));
-  const int64_t ntiles = per_slot * slots;
-  const int64_t tile_max = (rows + ntiles - 1) / ntiles;
+  const int64_t tile_max = (plan.rows + plan.ntiles - 1) / plan.ntiles;
   const auto op_opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<O>::value);
   const auto acc_opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value);
   std::vector<at::Tensor> abuf, cbuf;
-  for (int64_t i = 0; i < slots; ++i) {
+  for (int64_t i = 0; i < plan.slots; ++i) {
     abuf.push_back(at::zeros({tile_max * Kp}, op_opts));  // zero: the padding columns stay 0
     if (!kDirect) cbuf.push_back(at::empty({std::min(tile_max, N) * D}, acc_opts));
   }
+  // B = weight^T [K, D] in the GEMM's layout.
+  at::Tensor wb = at::empty({Kp * D}, op_opts);
+  cpu::pack_b_transposed(gemm, static_cast<const scalar_t*>(w2d.data_ptr()), K, K, Kp, D,
+                         static_cast<O*>(wb.data_ptr()));
   const auto* xp = static_cast<const scalar_t*>(x.const_data_ptr());
   const int64_t sB = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
   scalar_t* op = static_cast<scalar_t*>(out.data_ptr());
 
-  at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
+  at::parallel_for(0, plan.slots, 1, [&](int64_t s0, int64_t s1) {
     for (int64_t slot = s0; slot < s1; ++slot) {
       O* a = static_cast<O*>(abuf[slot].data_ptr());
-      for (int64_t tile = slot * per_slot; tile < (slot + 1) * per_slot; ++tile) {
-        const int64_t r0 = tile * rows / ntiles, r1 = (tile + 1) * rows / ntiles;
+      for (int64_t tile = slot * plan.per_slot; tile < (slot + 1) * plan.per_slot; ++tile) {
+        const int64_t r0 = plan.row0(tile), r1 = plan.row1(tile);
         // Patch matrix of rows [r0, r1): row r - r0, columns (c, u, v) = weight's order. Walked by runs of one
         // patch row (b, i) so that each image row is read left to right.
         for (int64_t r = r0; r < r1;) {
@@ -121,7 +194,7 @@ void embed_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optiona
           } else {
             c = static_cast<A*>(cbuf[slot].data_ptr());
           }
-          std::copy(add.begin() + n * D, add.begin() + (n + m) * D, c);
+          std::copy(plan.add.begin() + n * D, plan.add.begin() + (n + m) * D, c);
           gemm.run(m, D, Kp, a + (r - r0) * Kp, Kp, static_cast<const O*>(wb.data_ptr()), D, c, D, true);
           if constexpr (!kDirect) convert_n(c, dst, m * D);
           r += m;
@@ -132,7 +205,25 @@ void embed_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optiona
   });
 }
 
+template <typename scalar_t>
+void embed_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+               const std::optional<at::Tensor>& pos_embed, const EmbedShape& s, at::Tensor& out) {
+  const at::Tensor w2d = weight.reshape({s.D, s.C * s.P * s.P}).contiguous();
+  Plan<acc_type<scalar_t>> plan(bias, pos_embed, s);
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (embed_tokens_cpu_direct(x, s.P)) {
+      plan.whole_patch_rows(s);
+      return embed_direct<scalar_t>(x, w2d, plan, s, out);
+    }
+  }
+  embed_tiles<scalar_t>(x, w2d, plan, s, out);
+}
+
 }  // namespace
+
+bool embed_tokens_cpu_direct(const at::Tensor& x, int64_t patch) {
+  return x.dim() == 4 && (x.stride(3) == 1 || x.size(3) <= 1) && cpu::patch_gemm::available(x.scalar_type(), patch);
+}
 
 at::Tensor embed_tokens_cpu(const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias,

@@ -1,0 +1,177 @@
+// patch_gemm.h: the AVX-512 kernels, one per (rows, vectors) shape so that the accumulators live in registers.
+#include "patch_gemm.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include <c10/core/ScalarType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+
+#include "simd.h"
+
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define MCL_PATCH_X86 1
+#include <immintrin.h>
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#endif
+
+namespace mcl::cpu::patch_gemm {
+
+template <typename T>
+void pack_panel(const T* w, int64_t D, int64_t K, int64_t q, T* dst) {
+  // As 32-bit words: fp32 elements, or bf16 pairs (k, k + 1) -- the VNNI layout is the 32-bit transpose.
+  constexpr int64_t kStep = sizeof(float) / sizeof(T);
+  const int64_t d0 = q * kPanel, cols = std::min(kPanel, D - d0), K32 = K / kStep;
+  if (cols < kPanel) std::memset(dst, 0, sizeof(T) * K * kPanel);
+  simd::transpose32(w + d0 * K, K32, cols, K32, dst, kPanel);  // word (k32, j) = word k32 of weight row d0 + j
+}
+
+void pack_panel(const float* w, int64_t D, int64_t K, int64_t q, float* dst) { pack_panel<float>(w, D, K, q, dst); }
+
+void pack_panel(const c10::BFloat16* w, int64_t D, int64_t K, int64_t q, c10::BFloat16* dst) {
+  TORCH_CHECK(K % 2 == 0, "mcl_kernels: bf16 weight panels pair k, so K must be even");
+  pack_panel<c10::BFloat16>(w, D, K, q, dst);
+}
+
+#if defined(MCL_PATCH_X86)
+
+// Only AVX-512F intrinsics: the bf16 dot product is inline assembly, which needs no target, and runs only where
+// available() found AVX512-BF16.
+#define MCL_AVX512F __attribute__((target("avx512f")))
+
+namespace {
+
+// acc += broadcast(*x) * w with the broadcast folded into the FMA ({1to16}): GCC otherwise broadcasts into a
+// register, and 7 x 4 accumulators + 4 weight vectors + 1 broadcast is one register more than AVX-512 has (the
+// spill cost an extra load and store per k step).
+MCL_AVX512F inline void fma_broadcast(__m512& acc, __m512 w, const float* x) {
+  asm("vfmadd231ps %[x]%{1to16%}, %[w], %[acc]" : [acc] "+v"(acc) : [w] "v"(w), [x] "m"(*x));
+}
+
+// bf16: acc += x[0] * w[2i] + x[1] * w[2i + 1] per fp32 lane i (x: one pixel pair, as one broadcast 32-bit word).
+MCL_AVX512F inline void fma_broadcast(__m512& acc, __m512 w, const c10::BFloat16* x) {
+  const auto* pair = reinterpret_cast<const uint32_t*>(x);
+  asm("vdpbf16ps %[x]%{1to16%}, %[w], %[acc]" : [acc] "+v"(acc) : [w] "v"(w), [x] "m"(*pair));
+}
+
+// R rows x V vectors of output; `last` masks the last vector's columns. fp32 walks k one at a time; bf16 in
+// pairs (v, v + 1), adjacent pixels of one image row, against a VNNI panel (kPanel pairs per pair row).
+template <typename T, int R, int V>
+MCL_AVX512F void kernel(const T* px, int64_t sC, int64_t sH, int64_t P, int64_t C, const T* b, __mmask16 last,
+                        const float* init, int64_t ldi, float* out, int64_t ldo) {
+  constexpr int64_t kStep = sizeof(float) / sizeof(T);  // k per weight row of the panel: 1, or 2 (bf16 pairs)
+  __m512 acc[R][V];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      acc[r][v] = v == V - 1 ? _mm512_maskz_loadu_ps(last, init + r * ldi + 16 * v)
+                             : _mm512_loadu_ps(init + r * ldi + 16 * v);
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t u = 0; u < P; ++u) {
+      const T* a = px + c * sC + u * sH;  // patch r's pixel v: a[r * P + v]
+      const T* bk = b + (c * P + u) * P * kPanel;
+      for (int64_t q = 0; q < P; q += kStep, bk += kStep * kPanel) {
+        __m512 w[V];
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) w[v] = _mm512_loadu_ps(bk + 16 * kStep * v);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+          for (int v = 0; v < V; ++v) fma_broadcast(acc[r][v], w[v], a + r * P + q);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      if (v == V - 1) {
+        _mm512_mask_storeu_ps(out + r * ldo + 16 * v, last, acc[r][v]);
+      } else {
+        _mm512_storeu_ps(out + r * ldo + 16 * v, acc[r][v]);
+      }
+    }
+  }
+}
+
+template <typename T>
+using Kernel = void (*)(const T*, int64_t, int64_t, int64_t, int64_t, const T*, __mmask16, const float*, int64_t,
+                        float*, int64_t);
+
+template <typename T, int R>
+constexpr Kernel<T> pick(int vectors) {
+  return vectors == 1   ? kernel<T, R, 1>
+         : vectors == 2 ? kernel<T, R, 2>
+         : vectors == 3 ? kernel<T, R, 3>
+                        : kernel<T, R, 4>;
+}
+
+template <typename T>
+Kernel<T> table(int64_t rows, int64_t vectors) {
+  static_assert(kMaxRows == 7 && kPanel == 64, "the table below lists every (rows, vectors) shape");
+  const int v = static_cast<int>(vectors);
+  switch (rows) {
+    case 1: return pick<T, 1>(v);
+    case 2: return pick<T, 2>(v);
+    case 3: return pick<T, 3>(v);
+    case 4: return pick<T, 4>(v);
+    case 5: return pick<T, 5>(v);
+    case 6: return pick<T, 6>(v);
+    default: return pick<T, 7>(v);
+  }
+}
+
+template <typename T>
+void dispatch(const T* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t rows, const T* b, int64_t cols,
+              const float* init, int64_t ldi, float* out, int64_t ldo) {
+  TORCH_CHECK(available(c10::CppTypeToScalarType<T>::value, P) && rows >= 1 && rows <= kMaxRows && cols >= 1 &&
+                  cols <= kPanel,
+              "mcl_kernels: patch_gemm::run called outside its contract");
+  const int64_t vectors = (cols + 15) / 16, tail = cols - 16 * (vectors - 1);
+  const auto last = static_cast<__mmask16>(tail >= 16 ? 0xFFFF : (1u << tail) - 1);
+  table<T>(rows, vectors)(px, sC, sH, P, C, b, last, init, ldi, out, ldo);
+}
+
+}  // namespace
+
+bool available(c10::ScalarType dtype, int64_t P) {
+  static const bool f32 = __builtin_cpu_supports("avx512f");
+  static const bool bf16 = f32 && __builtin_cpu_supports("avx512bf16");
+  if (dtype == c10::kFloat) return f32;
+  return dtype == c10::kBFloat16 && bf16 && P % 2 == 0;
+}
+
+void run(const float* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t rows, const float* b, int64_t cols,
+         const float* init, int64_t ldi, float* out, int64_t ldo) {
+  dispatch(px, sC, sH, P, C, rows, b, cols, init, ldi, out, ldo);
+}
+
+void run(const c10::BFloat16* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t rows, const c10::BFloat16* b,
+         int64_t cols, const float* init, int64_t ldi, float* out, int64_t ldo) {
+  dispatch(px, sC, sH, P, C, rows, b, cols, init, ldi, out, ldo);
+}
+
+#else
+
+bool available(c10::ScalarType, int64_t) { return false; }
+
+void run(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t,
+         float*, int64_t) {
+  TORCH_CHECK(false, "mcl_kernels: patch_gemm needs an x86-64 CPU with AVX-512F");
+}
+
+void run(const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, int64_t, const c10::BFloat16*, int64_t,
+         const float*, int64_t, float*, int64_t) {
+  TORCH_CHECK(false, "mcl_kernels: patch_gemm needs an x86-64 CPU with AVX512-BF16");
+}
+
+#endif
+
+}  // namespace mcl::cpu::patch_gemm

@@ -1,0 +1,45 @@
+// The inference embedding's GEMM with its im2col folded in: AVX-512 micro-kernels (fp32 FMA, bf16 dot products)
+// that read pixels straight from the image.
+//
+// For one patch row of the image and one channel c, the P x P patches j0 .. j0 + m - 1 (consecutive along W)
+// cover image rows y = i*P + u, columns [j0*P, (j0 + m)*P): patch j's pixels (c, u, v) sit at
+// row(c, u) + j*P + v. A kernel keeps an m x kPanel block of the output in registers, walks k = (c, u, v) in
+// the weight's order, broadcasting each patch's pixel and multiplying it by row k of a packed weight panel:
+// the patch matrix is never built, and each output element is one FMA chain over k in that fixed order, so
+// the result does not depend on how rows are split into calls or threads.
+//
+// Weight panels: panel q holds columns [q*kPanel, (q+1)*kPanel) of W^T [K, D] as [K][kPanel] rows (zeros past
+// D), so a k step loads kPanel/16 contiguous vectors.
+#pragma once
+
+#include <cstdint>
+
+#include <c10/core/ScalarType.h>
+#include <c10/util/BFloat16.h>
+
+namespace mcl::cpu::patch_gemm {
+
+constexpr int64_t kPanel = 64;  // output columns per panel: 4 AVX-512 vectors
+constexpr int64_t kMaxRows = 7;  // patches per call: 7 x 4 accumulators + 4 weight vectors = 32 registers
+
+// Whether the kernels run on this CPU for `dtype` and patch size P: float32 needs AVX-512F; bfloat16 needs
+// AVX512-BF16 and an even P (pixels pair as (v, v + 1) within a patch row). Compiled through target attributes.
+bool available(c10::ScalarType dtype, int64_t P);
+
+inline int64_t panels(int64_t D) { return (D + kPanel - 1) / kPanel; }
+
+// Panel q (dst: K * kPanel elements) of the weight w [D, K] (row-major). bf16 panels are VNNI pairs: element
+// (k, j) at ((k / 2) * kPanel + j) * 2 + k % 2. Runs on the calling thread.
+void pack_panel(const float* w, int64_t D, int64_t K, int64_t q, float* dst);
+void pack_panel(const c10::BFloat16* w, int64_t D, int64_t K, int64_t q, c10::BFloat16* dst);
+
+// out[r, 0:cols] (row stride ldo) for r < rows (1..kMaxRows), with cols (1..kPanel) of panel `b`:
+//   out[r, :] = init[r, :] + sum over c < C, u < P, v < P of px[c*sC + u*sH + r*P + v] * b[k, :],
+// k = (c*P + u)*P + v, init's row stride ldi; px points at pixel (0, 0, 0) of the first patch, whose rows are
+// consecutive along W (unit stride). Accumulates in fp32 (bf16: products of bf16 pairs, summed in fp32).
+void run(const float* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t rows, const float* b, int64_t cols,
+         const float* init, int64_t ldi, float* out, int64_t ldo);
+void run(const c10::BFloat16* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t rows, const c10::BFloat16* b,
+         int64_t cols, const float* init, int64_t ldi, float* out, int64_t ldo);
+
+}  // namespace mcl::cpu::patch_gemm
