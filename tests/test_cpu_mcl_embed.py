@@ -33,6 +33,7 @@ SHAPES = [
     (1, 2, 12, 18, 2, 3, 16),   # batch 1; k = 3; K = C*p*p = 8
     (3, 1, 24, 12, 3, 2, 40),   # K = 9 (odd); several large rows per image
     (1, 1, 28, 28, 14, 2, 16),  # patch 14: K = 196
+    (1, 3, 16, 40, 4, 2, 72),   # rows of 10 small patches (5 + 5 per direct-kernel call); D = 64 + 8: two panels
 ]
 MANY_TILES = (12, 1, 64, 16, 2, 2, 8)  # 192 large rows of 4 tokens: several tiles per thread, forward and backward
 VARIANTS = ["untied", "tied", "nodecomp", "nobias"]

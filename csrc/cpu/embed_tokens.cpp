@@ -79,17 +79,13 @@ struct Plan {
 };
 
 // Calls f(b, n, j, m) for runs of m <= kMaxRows consecutive patches (n .. n + m - 1 of image b, starting at
-// column j of their patch row) covering rows [r0, r1): each patch row's run split as evenly as it goes.
+// column j of their patch row) covering rows [r0, r1).
 template <typename F>
 void for_each_run(const EmbedShape& s, int64_t r0, int64_t r1, F&& f) {
   for (int64_t r = r0; r < r1;) {
     const int64_t b = r / s.N, n = r % s.N, j0 = n % s.Wp;
     const int64_t run = std::min(s.Wp - j0, r1 - r);
-    const int64_t parts = (run + cpu::patch_gemm::kMaxRows - 1) / cpu::patch_gemm::kMaxRows;
-    for (int64_t h = 0; h < parts; ++h) {
-      const int64_t first = run * h / parts, m = run * (h + 1) / parts - first;
-      f(b, n + first, j0 + first, m);
-    }
+    cpu::patch_gemm::for_each_block(run, [&](int64_t first, int64_t m) { f(b, n + first, j0 + first, m); });
     r += run;
   }
 }

@@ -1,5 +1,5 @@
-// The inference embedding's GEMM with its im2col folded in: AVX-512 micro-kernels (fp32 FMA, bf16 dot products)
-// that read pixels straight from the image.
+// Patch-embedding GEMMs with the im2col folded in: AVX-512 micro-kernels (fp32 FMA, bf16 dot products) that read
+// pixels straight from the image. Used by embed_tokens (inference) and mcl_embed's forward (S).
 //
 // For one patch row of the image and one channel c, the P x P patches j0 .. j0 + m - 1 (consecutive along W)
 // cover image rows y = i*P + u, columns [j0*P, (j0 + m)*P): patch j's pixels (c, u, v) sit at
@@ -27,6 +27,14 @@ constexpr int64_t kMaxRows = 7;  // patches per call: 7 x 4 accumulators + 4 wei
 bool available(c10::ScalarType dtype, int64_t P);
 
 inline int64_t panels(int64_t D) { return (D + kPanel - 1) / kPanel; }
+
+// Calls f(first, m) for blocks [first, first + m) of at most kMaxRows covering [0, n), as even as they go
+// (9 -> 5 + 4, 14 -> 7 + 7, 16 -> 6 + 5 + 5): a short last block would run a kernel with few rows.
+template <typename F>
+void for_each_block(int64_t n, F&& f) {
+  const int64_t parts = (n + kMaxRows - 1) / kMaxRows;
+  for (int64_t h = 0; h < parts; ++h) f(n * h / parts, n * (h + 1) / parts - n * h / parts);
+}
 
 // Panel q (dst: K * kPanel elements) of the weight w [D, K] (row-major). bf16 panels are VNNI pairs: element
 // (k, j) at ((k / 2) * kPanel + j) * 2 + k % 2. Runs on the calling thread.
