@@ -1,7 +1,8 @@
 """Measurement plumbing shared by the benchmark scripts: timing, the machine's GEMM peak, tables, JSON.
 
 Protocol (DESIGN §5): warm-up, then the median of repeated rounds; ratios against a baseline taken in
-the same run; achieved GFLOP/s against a large ``torch.mm`` measured in the same process.
+the same run (the ratio of the medians, and the median of the per-round ratios: ``paired``); achieved GFLOP/s
+against a large ``torch.mm`` measured in the same process.
 """
 from __future__ import annotations
 
@@ -36,6 +37,20 @@ def interleaved_median_seconds(fns: Dict[str, Callable[[], object]], device: tor
     them is not skewed by the machine drifting between one function's rounds and the next's (long calls, such
     as whole training steps, and any call on a shared machine are where that shows). A function's turn repeats
     it until it lasts ``min_round_s`` (its count fixed from one probe call after the warm-up)."""
+    return {name: statistics.median(t) for name, t in interleaved_seconds(fns, device, warmup, repeats,
+                                                                          min_round_s).items()}
+
+
+def paired_ratio(base: Sequence[float], times: Sequence[float]) -> float:
+    """Median over rounds of base time ÷ time, each pair from one round of :func:`interleaved_seconds`: on a
+    host whose speed drifts within a run (the 2-core development VM: a ``torch.mm`` at 119-188 GFLOP/s round to
+    round), the ratio of two medians depends on where the slow phases fell, the median of adjacent pairs less."""
+    return statistics.median(b / t for b, t in zip(base, times))
+
+
+def interleaved_seconds(fns: Dict[str, Callable[[], object]], device: torch.device, warmup: int,
+                        repeats: int, min_round_s: float = 0.0) -> Dict[str, List[float]]:
+    """Seconds per call of each function in each of ``repeats`` rounds (see :func:`interleaved_median_seconds`)."""
     inner: Dict[str, int] = {}
     for name, fn in fns.items():
         for _ in range(warmup):
@@ -56,7 +71,7 @@ def interleaved_median_seconds(fns: Dict[str, Callable[[], object]], device: tor
                 fn()
             sync(device)
             times[name].append((time.perf_counter() - start) / inner[name])
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
 
 
 def measure_mm_peak(device: torch.device, dtype: torch.dtype, warmup: int = 2, repeats: int = 7) -> float:
@@ -154,7 +169,8 @@ def environment(device: torch.device) -> Dict[str, object]:
 
 
 def print_table(rows: List[Row]) -> None:
-    header = f"{'section':<16} {'case':<30} {'impl':<26} {'dtype':<9} {'ms':>9} {'GFLOP/s':>9} {'%peak':>6} {'ratio':>7}"
+    header = (f"{'section':<16} {'case':<30} {'impl':<26} {'dtype':<9} {'ms':>9} {'GFLOP/s':>9} {'%peak':>6} "
+              f"{'ratio':>7} {'paired':>7}")
     print(header)
     print("-" * len(header))
     last = None
@@ -163,8 +179,10 @@ def print_table(rows: List[Row]) -> None:
             print()
         last = (r.section, r.case)
         ratio = "" if r.ratio is None else f"{r.ratio:6.2f}x"
+        paired = r.extra.get("paired_ratio")
+        paired = "" if paired is None else f"{paired:6.2f}x"
         print(f"{r.section:<16} {r.case:<30} {r.impl:<26} {r.dtype:<9} {r.median_ms:9.3f} {r.gflops:9.1f} "
-              f"{100 * r.peak_fraction:5.1f}% {ratio:>7}")
+              f"{100 * r.peak_fraction:5.1f}% {ratio:>7} {paired:>7}")
 
 
 def write_json(path: str, env: Dict[str, object], peaks: Dict[str, float], rows: List[Row],
@@ -235,18 +253,20 @@ def time_case(rows: List["Row"], device: torch.device, warmup: int, repeats: int
         live[name] = fn
     # On a GPU a call can last microseconds: turns of >= 20 ms keep launch latency and the host clock's
     # resolution out of the median.
-    secs = interleaved_median_seconds(live, device, 0, repeats, min_round_s=0.02 if device.type == "cuda" else 0.0)
+    rounds = interleaved_seconds(live, device, 0, repeats, min_round_s=0.02 if device.type == "cuda" else 0.0)
     base_ms = base_name = None
     for name, fn in live.items():
-        sec = secs[name]
+        sec = statistics.median(rounds[name])
         mem = peak_memory(fn, device) if memory else None
         ms = sec * 1e3
         if base_ms is None:
             base_ms, base_name = ms, name
         gflops = flops / sec / 1e9
+        paired = paired_ratio(rounds[base_name], rounds[name])
         row = Row(section, case, name, dtype, shape, ms, gflops, gflops / peak, base_ms / ms, base_name,
-                  {"peak_memory_bytes": mem})
+                  {"peak_memory_bytes": mem, "paired_ratio": paired})
         rows.append(row)
         mem_text = "" if mem is None else f" {mem / 2**20:8.1f} MiB"
         print(f"  {section:<14} {case:<28} {name:<26} {dtype:<9} {ms:9.3f} ms {gflops:8.1f} GFLOP/s "
-              f"{100 * row.peak_fraction:5.1f}% of peak {row.ratio:6.2f}x{mem_text}", flush=True)
+              f"{100 * row.peak_fraction:5.1f}% of peak {row.ratio:6.2f}x (paired {paired:.2f}x){mem_text}",
+              flush=True)

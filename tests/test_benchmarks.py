@@ -77,7 +77,9 @@ def test_kernels_quick_run(tmp_path):
         assert {("kernel-infer", "timm PatchEmbed+cat+add", dtype),
                 ("kernel-infer", "embed_tokens (cpu)", dtype)} <= impls
     for r in doc["rows"]:
-        assert r["median_ms"] > 0 and r["gflops"] > 0 and r["ratio"] > 0
+        assert r["median_ms"] > 0 and r["gflops"] > 0 and r["ratio"] > 0 and r["extra"]["paired_ratio"] > 0
+        if r["impl"] == r["baseline"]:
+            assert r["extra"]["paired_ratio"] == 1.0
         assert (r["extra"]["peak_memory_bytes"] is not None) == (r["section"] == "kernel-fwd+bwd")
         if r["section"] == "kernel-fwd+bwd":
             assert r["extra"]["peak_memory_bytes"] > 0
@@ -107,6 +109,17 @@ def test_interleaved_timing_calls_each_function_once_per_round():
     secs = harness.interleaved_median_seconds({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
                                               torch.device("cpu"), warmup=1, repeats=3)
     assert calls == ["a", "b"] + ["a", "b"] * 3 and set(secs) == {"a", "b"} and min(secs.values()) >= 0
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    """Under drift the two statistics differ: here the baseline's slow round falls on a fast round of the other
+    function, so the ratio of the medians reads 1.0x while every round but one had the other twice as fast."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import harness
+    base, other = [10.0, 20.0, 10.0], [5.0, 10.0, 10.0]
+    assert harness.paired_ratio(base, other) == 2.0
+    assert harness.statistics.median(base) / harness.statistics.median(other) == 1.0
+    assert harness.paired_ratio(other, other) == 1.0
 
 
 def test_interleaved_turns_last_min_round_s_and_report_seconds_per_call():
