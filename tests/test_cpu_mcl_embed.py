@@ -120,6 +120,20 @@ def test_float32_outputs_and_every_gradient_match_reference(shape, variant, layo
     check_all(f"{shape_id(shape)} {variant} {layout}", out, grads, want_out, want, atol, 1e-5, torch.float32)
 
 
+def test_unit_w_stride_view_with_other_strides():
+    """The forward's direct path needs only a unit W stride: every other image row, a channel slice and a
+    column offset must give the reference's outputs and gradients."""
+    x, *params, k = make_inputs((1, 3, 16, 40, 4, 2, 72), "untied")
+    big = torch.randn(1, 5, 32, 48, dtype=torch.float64).float()
+    view = big[:, 1:4, ::2, 8:]
+    view.copy_(x)
+    assert view.stride(3) == 1 and not view.is_contiguous()
+    inputs = (view, *params, k)
+    out, ups, grads = cpu_forward_backward(inputs)
+    want_out, want = reference_forward_backward(inputs, out, ups, needs_for(inputs), torch.float64)
+    check_all("strided view", out, grads, want_out, want, fp32_atol(inputs, out[0].shape[1]), 1e-5, torch.float32)
+
+
 @pytest.mark.parametrize("variant", ["untied", "tied"])
 def test_float32_several_tiles_per_thread(variant, threads):
     inputs = make_inputs(MANY_TILES, variant, "channels_last")

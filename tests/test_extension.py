@@ -145,6 +145,20 @@ def test_direct_kernel_runs_where_the_cpu_has_avx512():
     assert not _C.embed_tokens_cpu_direct(x.double(), 4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unit_w_stride_views_with_other_strides(dtype):
+    """The direct kernel needs only a unit W stride: a view with every other row, a channel slice and a column
+    offset (strides and offset unlike a contiguous image's) must give the reference's rows."""
+    big = rand(3, 5, 2 * 16, 36 + 8, dtype=dtype)
+    x = big[:, 1:4, ::2, 8:]  # [3, 3, 16, 36]: row stride 2 * 44, offset 1 channel + 8 columns
+    assert x.stride(3) == 1 and not x.is_contiguous()
+    _, w, b, cls, pos = make_inputs((3, 3, 16, 36, 100, 4), "bias+cls+pos", dtype=dtype)
+    out = embed(x, w, b, cls, pos)
+    expected = reference(*to64(x, w, b, cls, pos))
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert_close(f"embed_tokens {dtype} strided view", out.double(), expected, atol=tol, rtol=tol)
+
+
 def test_cls_token_as_flat_vector_and_empty_batch_shape():
     x, w, b, cls, pos = make_inputs((0, 3, 64, 96, 40, 32), "bias+cls+pos")
     out = embed(x, w, b, cls.reshape(-1), pos)
