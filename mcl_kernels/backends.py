@@ -183,14 +183,16 @@ BACKENDS: Dict[str, Backend] = {
 # First available backend that implements the op wins: per device type, with per-op exceptions where a
 # measurement says so. CPU, measured with benchmarks/kernels.py (2-core AMD EPYC with AVX-512/AVX512-BF16,
 # 224x224, patch 16 x 2, 2 threads; a shared machine, so +-10% noise; the full D x B grid with torch.compile
-# rows: benchmarks/results/kernels-cpu-2core-grid.json): the C++ kernels (tiled, oneDNN brgemm) against the
-# eager reference, ratio of times (> 1: C++ faster):
+# rows: benchmarks/results/kernels-cpu-2core-grid.json, and -grid-2.json since the direct patch kernels): the C++
+# kernels (tiled; oneDNN brgemm, and csrc/cpu/patch_gemm.cpp's AVX-512 kernels where the input is read from the
+# image) against the eager reference, ratio of times (> 1: C++ faster):
 #   mcl_embed forward+backward at B = 64, D = 192 / 384 / 768 (runs of 2026-11-24/25): fp32 1.03-1.37 /
 #     0.99-1.15 / 0.98-1.31; bf16 (since its vectorized VNNI im2col) 1.17-1.23 / 1.11-1.17 / 1.01-1.08. Small
 #     batches at D >= 384 lose: see AUTO_MIN_TOKENS below.
 #   mcl_compress forward+backward (one thread, CPU time, 8x8 -> 4x4 grid, D = 384): 1.05-1.15.
 #   embed_tokens, every D in 192-768 and B in 1-64, fp32 and bf16: 1.02-2.8 (its tiles are equal runs of
-#     patch rows per thread; whole-image tiles had lost at B = 2-16 in fp32).
+#     patch rows per thread; whole-image tiles had lost at B = 2-16 in fp32); 1.19-3.19 with the direct
+#     kernels (grid-2).
 # So "auto" runs the C++ kernels on the CPU for every op they cover, except for the small calls in
 # AUTO_MIN_TOKENS.
 # CUDA, measured with benchmarks/kernels.py on an H100 80GB HBM3 (torch 2.11, Triton 3.6; bf16, D = 384,
@@ -258,7 +260,9 @@ AUTO_ORDER_PER_OP_DTYPE: Dict[Tuple[str, str, torch.dtype], Tuple[str, ...]] = {
 #     (0.86-1.14) and wins at D = 192: it stays on the C++ kernel, whose training step holds about half the
 #     reference's memory.
 #   embed_tokens and mcl_compress have no size rule: embed_tokens beat the reference at every size measured
-#     (1.02-2.8x), mcl_compress was measured at one size only.
+#     (1.02-2.8x; 1.19-3.19x with the direct kernels), mcl_compress was measured at one size only. The grid
+#     after the direct forward (grid-2) agrees with these crossovers: at B = 1 the fp32 forward runs at 0.79x
+#     (D = 384) and 0.78x (D = 768) the reference, and auto runs the reference there.
 _ANY_WIDTH = 1 << 62
 AUTO_MIN_TOKENS: Dict[Tuple[str, str, torch.dtype], Tuple[Tuple[int, int], ...]] = {
     ("cpu", "mcl_embed", torch.float32): ((192, 0), (384, 2 * 196), (_ANY_WIDTH, 8 * 196)),
