@@ -100,28 +100,19 @@ void embed_direct(const at::Tensor& x, const at::Tensor& w2d, const Plan<float>&
   const int64_t D = s.D, P = s.P, K = s.C * P * P, Q = pg::panels(D), panel = K * pg::kPanel;
   at::Tensor wp = at::empty({Q * panel}, x.options().memory_format(at::MemoryFormat::Contiguous));
   scalar_t* wpp = static_cast<scalar_t*>(wp.data_ptr());
-  const auto* w = static_cast<const scalar_t*>(w2d.data_ptr());
-  at::parallel_for(0, Q, 1, [&](int64_t q0, int64_t q1) {
-    for (int64_t q = q0; q < q1; ++q) pg::pack_panel(w, D, K, q, wpp + q * panel);
-  });
+  pg::pack(static_cast<const scalar_t*>(w2d.data_ptr()), D, K, wpp);
   const auto* xp = static_cast<const scalar_t*>(x.const_data_ptr());
   const int64_t sB = x.stride(0), sC = x.stride(1), sH = x.stride(2);
   scalar_t* op = static_cast<scalar_t*>(out.data_ptr());
   const float* add = plan.add.data();
   at::parallel_for(0, plan.slots, 1, [&](int64_t s0, int64_t s1) {
-    float sums[pg::kMaxRows * pg::kPanel];  // bf16: a block's fp32 sums, rounded once into the output
     for (int64_t tile = s0 * plan.per_slot; tile < s1 * plan.per_slot; ++tile) {
       for (int64_t q = 0; q < Q; ++q) {
         const int64_t d0 = q * pg::kPanel, cols = std::min(pg::kPanel, D - d0);
         for_each_run(s, plan.row0(tile), plan.row1(tile), [&](int64_t b, int64_t n, int64_t j, int64_t m) {
           const scalar_t* px = xp + b * sB + (n / s.Wp) * P * sH + j * P;
           scalar_t* dst = op + (b * s.T + s.t0 + n) * D + d0;
-          if constexpr (std::is_same_v<scalar_t, float>) {
-            pg::run(px, sC, sH, P, s.C, m, wpp + q * panel, cols, add + n * D + d0, D, dst, D);
-          } else {
-            pg::run(px, sC, sH, P, s.C, m, wpp + q * panel, cols, add + n * D + d0, D, sums, pg::kPanel);
-            for (int64_t r = 0; r < m; ++r) convert_n(sums + r * pg::kPanel, dst + r * D, cols);
-          }
+          pg::run(px, sC, sH, P, s.C, m, wpp + q * panel, cols, add + n * D + d0, D, dst, D);
         });
       }
     }
@@ -218,7 +209,7 @@ void embed_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optiona
 }  // namespace
 
 bool embed_tokens_cpu_direct(const at::Tensor& x, int64_t patch) {
-  return x.dim() == 4 && (x.stride(3) == 1 || x.size(3) <= 1) && cpu::patch_gemm::available(x.scalar_type(), patch);
+  return cpu::patch_gemm::reads(x, patch);
 }
 
 at::Tensor embed_tokens_cpu(const at::Tensor& x, const at::Tensor& weight,

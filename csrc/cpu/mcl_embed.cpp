@@ -625,21 +625,15 @@ std::tuple<at::Tensor, at::Tensor, OptTensor> embed_forward(const at::Tensor& x,
   const auto* xp = static_cast<const scalar_t*>(x.const_data_ptr());
 
   if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
-    if (x.stride(3) == 1 && patch_gemm::available(x.scalar_type(), s.p)) {
+    if (patch_gemm::reads(x, s.p)) {
       // S straight from the pixels into the output (patch_gemm.h: no im2col tile), then G gathered from it.
       const int64_t Q = patch_gemm::panels(D), panel = K * patch_gemm::kPanel;
       at::Tensor es_p = at::empty({Q * panel}, opts);
-      const at::Tensor e2d = proj_w.reshape({D, K}).contiguous();
-      at::parallel_for(0, Q, 1, [&](int64_t q0, int64_t q1) {
-        for (int64_t q = q0; q < q1; ++q) {
-          patch_gemm::pack_panel(ptr<const scalar_t>(e2d), D, K, q, ptr<scalar_t>(es_p) + q * panel);
-        }
-      });
+      patch_gemm::pack(ptr<const scalar_t>(proj_w.reshape({D, K}).contiguous()), D, K, ptr<scalar_t>(es_p));
       const std::vector<float> start = bs.empty() ? std::vector<float>(D, 0.0f) : bs;  // every row: the bias
       const auto sbuf = kAlias ? per_slot<A>(tl.nslots, tsmax * D, false) : std::vector<at::Tensor>{};
       const int64_t sB = x.stride(0), sC = x.stride(1), sH = x.stride(2);
       run_tiles(tl, g, gemm, [&](int64_t slot, int64_t r0, int64_t r1) {
-        float sums[patch_gemm::kMaxRows * patch_gemm::kPanel];  // bf16: a block's fp32 sums before rounding
         for (int64_t q = 0; q < Q; ++q) {
           const int64_t d0 = q * patch_gemm::kPanel, cols = std::min(patch_gemm::kPanel, D - d0);
           const scalar_t* wq = ptr<scalar_t>(es_p) + q * panel;
@@ -648,13 +642,7 @@ std::tuple<at::Tensor, at::Tensor, OptTensor> embed_forward(const at::Tensor& x,
               const scalar_t* row = xp + (rr / l.Hl) * sB + ((rr % l.Hl) * k + u) * s.p * sH;
               scalar_t* srow = Sout + g.small(rr, 0, u) * D + d0;
               patch_gemm::for_each_block(g.Ws, [&](int64_t j, int64_t m) {
-                if constexpr (kAlias) {
-                  patch_gemm::run(row + j * s.p, sC, sH, s.p, s.C, m, wq, cols, start.data() + d0, 0, srow + j * D, D);
-                } else {
-                  patch_gemm::run(row + j * s.p, sC, sH, s.p, s.C, m, wq, cols, start.data() + d0, 0, sums,
-                                  patch_gemm::kPanel);
-                  for (int64_t r = 0; r < m; ++r) convert_n(sums + r * patch_gemm::kPanel, srow + (j + r) * D, cols);
-                }
+                patch_gemm::run(row + j * s.p, sC, sH, s.p, s.C, m, wq, cols, start.data() + d0, 0, srow + j * D, D);
               });
             }
           }

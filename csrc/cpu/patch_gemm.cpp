@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include <ATen/Parallel.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
@@ -20,20 +21,34 @@
 
 namespace mcl::cpu::patch_gemm {
 
+namespace {
+
 template <typename T>
-void pack_panel(const T* w, int64_t D, int64_t K, int64_t q, T* dst) {
+void pack_all(const T* w, int64_t D, int64_t K, T* dst) {
   // As 32-bit words: fp32 elements, or bf16 pairs (k, k + 1) -- the VNNI layout is the 32-bit transpose.
   constexpr int64_t kStep = sizeof(float) / sizeof(T);
-  const int64_t d0 = q * kPanel, cols = std::min(kPanel, D - d0), K32 = K / kStep;
-  if (cols < kPanel) std::memset(dst, 0, sizeof(T) * K * kPanel);
-  simd::transpose32(w + d0 * K, K32, cols, K32, dst, kPanel);  // word (k32, j) = word k32 of weight row d0 + j
+  const int64_t K32 = K / kStep;
+  at::parallel_for(0, panels(D), 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      T* panel = dst + q * K * kPanel;
+      const int64_t d0 = q * kPanel, cols = std::min(kPanel, D - d0);
+      if (cols < kPanel) std::memset(panel, 0, sizeof(T) * K * kPanel);
+      simd::transpose32(w + d0 * K, K32, cols, K32, panel, kPanel);  // word (k32, j) = word k32 of row d0 + j
+    }
+  });
 }
 
-void pack_panel(const float* w, int64_t D, int64_t K, int64_t q, float* dst) { pack_panel<float>(w, D, K, q, dst); }
+}  // namespace
 
-void pack_panel(const c10::BFloat16* w, int64_t D, int64_t K, int64_t q, c10::BFloat16* dst) {
+void pack(const float* w, int64_t D, int64_t K, float* dst) { pack_all(w, D, K, dst); }
+
+void pack(const c10::BFloat16* w, int64_t D, int64_t K, c10::BFloat16* dst) {
   TORCH_CHECK(K % 2 == 0, "mcl_kernels: bf16 weight panels pair k, so K must be even");
-  pack_panel<c10::BFloat16>(w, D, K, q, dst);
+  pack_all(w, D, K, dst);
+}
+
+bool reads(const at::Tensor& x, int64_t P) {
+  return x.dim() == 4 && (x.stride(3) == 1 || x.size(3) <= 1) && available(x.scalar_type(), P);
 }
 
 #if defined(MCL_PATCH_X86)
@@ -154,8 +169,10 @@ void run(const float* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t 
 }
 
 void run(const c10::BFloat16* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t rows, const c10::BFloat16* b,
-         int64_t cols, const float* init, int64_t ldi, float* out, int64_t ldo) {
-  dispatch(px, sC, sH, P, C, rows, b, cols, init, ldi, out, ldo);
+         int64_t cols, const float* init, int64_t ldi, c10::BFloat16* out, int64_t ldo) {
+  float sums[kMaxRows * kPanel];  // the block's fp32 sums, rounded once into the output
+  dispatch(px, sC, sH, P, C, rows, b, cols, init, ldi, sums, kPanel);
+  for (int64_t r = 0; r < rows; ++r) simd::to_bf16(sums + r * kPanel, out + r * ldo, cols);
 }
 
 #else
@@ -168,7 +185,7 @@ void run(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, const float*
 }
 
 void run(const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, int64_t, const c10::BFloat16*, int64_t,
-         const float*, int64_t, float*, int64_t) {
+         const float*, int64_t, c10::BFloat16*, int64_t) {
   TORCH_CHECK(false, "mcl_kernels: patch_gemm needs an x86-64 CPU with AVX512-BF16");
 }
 

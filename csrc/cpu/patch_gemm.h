@@ -14,6 +14,7 @@
 
 #include <cstdint>
 
+#include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16.h>
 
@@ -26,6 +27,10 @@ constexpr int64_t kMaxRows = 7;  // patches per call: 7 x 4 accumulators + 4 wei
 // AVX512-BF16 and an even P (pixels pair as (v, v + 1) within a patch row). Compiled through target attributes.
 bool available(c10::ScalarType dtype, int64_t P);
 
+// Whether the kernels can read the images x [B, C, H, W] for patch size P: available() for x's dtype, and a unit
+// W stride (other strides and offsets are free). The one rule every caller of run() goes by.
+bool reads(const at::Tensor& x, int64_t P);
+
 inline int64_t panels(int64_t D) { return (D + kPanel - 1) / kPanel; }
 
 // Calls f(first, m) for blocks [first, first + m) of at most kMaxRows covering [0, n), as even as they go
@@ -36,18 +41,19 @@ void for_each_block(int64_t n, F&& f) {
   for (int64_t h = 0; h < parts; ++h) f(n * h / parts, n * (h + 1) / parts - n * h / parts);
 }
 
-// Panel q (dst: K * kPanel elements) of the weight w [D, K] (row-major). bf16 panels are VNNI pairs: element
-// (k, j) at ((k / 2) * kPanel + j) * 2 + k % 2. Runs on the calling thread.
-void pack_panel(const float* w, int64_t D, int64_t K, int64_t q, float* dst);
-void pack_panel(const c10::BFloat16* w, int64_t D, int64_t K, int64_t q, c10::BFloat16* dst);
+// All panels of the weight w [D, K] (row-major) into dst [panels(D)][K][kPanel], in parallel over panels. bf16
+// panels are VNNI pairs: element (k, j) of a panel at ((k / 2) * kPanel + j) * 2 + k % 2.
+void pack(const float* w, int64_t D, int64_t K, float* dst);
+void pack(const c10::BFloat16* w, int64_t D, int64_t K, c10::BFloat16* dst);
 
 // out[r, 0:cols] (row stride ldo) for r < rows (1..kMaxRows), with cols (1..kPanel) of panel `b`:
 //   out[r, :] = init[r, :] + sum over c < C, u < P, v < P of px[c*sC + u*sH + r*P + v] * b[k, :],
 // k = (c*P + u)*P + v, init's row stride ldi; px points at pixel (0, 0, 0) of the first patch, whose rows are
-// consecutive along W (unit stride). Accumulates in fp32 (bf16: products of bf16 pairs, summed in fp32).
+// consecutive along W (unit stride). Accumulates in fp32 (bf16: products of bf16 pairs, summed in fp32 and
+// rounded once into out).
 void run(const float* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t rows, const float* b, int64_t cols,
          const float* init, int64_t ldi, float* out, int64_t ldo);
 void run(const c10::BFloat16* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t rows, const c10::BFloat16* b,
-         int64_t cols, const float* init, int64_t ldi, float* out, int64_t ldo);
+         int64_t cols, const float* init, int64_t ldi, c10::BFloat16* out, int64_t ldo);
 
 }  // namespace mcl::cpu::patch_gemm
