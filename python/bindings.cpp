@@ -2,6 +2,7 @@
 // CMake build links the kernels without Python). Argument validation lives in csrc/, not here.
 #include <torch/csrc/utils/pybind.h>
 
+#include "cpu/phases.h"
 #include "embed_tokens.h"
 #include "mcl_embed.h"
 
@@ -48,5 +49,12 @@ R [B, grid_h*grid_w, D] or None).)doc");
         R"doc(Whether embed_tokens on the CPU reads x's pixels directly (AVX-512 micro-kernels) rather than through a
 patch matrix and brgemm: float32, or bfloat16 with an even patch, with unit W stride, on a CPU that has AVX-512F
 (and AVX512-BF16 for bfloat16).)doc");
+  m.def("cpu_phases_enable", &mcl::cpu::phases::set_enabled, py::arg("on"),
+        R"doc(Switch the per-phase timers of the CPU training kernels (mcl_embed, mcl_compress) on or off (off at import).
+While on, every phase adds its duration, summed over threads, to a counter: see cpu_phases_take and
+benchmarks/cpu_phases.py.)doc");
+  m.def("cpu_phases_take", &mcl::cpu::phases::take,
+        R"doc(The per-phase counters as a list of (phase name, seconds summed over threads), phases with no time left out;
+then zeroes them. Names starting "bwd.wall." are wall-clock times of one thread, the rest thread time.)doc");
   m.attr("built_with_cuda") = py::bool_(mcl::built_with_cuda());
 }

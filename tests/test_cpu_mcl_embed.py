@@ -414,3 +414,52 @@ def test_backward_checks_its_gradients():
     no_decomp = list(tensors[:5]) + [None, None]
     with pytest.raises(ValueError, match="no decompression"):
         _C.mcl_embed_backward(None, l, r, *no_decomp, s, l, k, [True] * 7)
+
+
+# --- phase timers (csrc/cpu/phases.h, benchmarks/cpu_phases.py) -----------------------------------------------
+
+FORWARD_PHASES = {"fwd.small_gemm", "fwd.group", "fwd.large_gemm", "fwd.recon_gemm", "fwd.ungroup"}
+BACKWARD_PHASES = {"bwd.group", "bwd.token_gemms", "bwd.stacks", "bwd.bias_sums", "bwd.input_grad",
+                   "bwd.weight_gemms", "bwd.wall.tiles", "bwd.wall.weight_gemms"}
+
+
+@pytest.fixture
+def phase_timers():
+    """The timers on for the test, their counters empty before and after."""
+    _C.cpu_phases_take()
+    _C.cpu_phases_enable(True)
+    yield
+    _C.cpu_phases_enable(False)
+    _C.cpu_phases_take()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])  # the direct kernels and the im2col path for S
+def test_phase_timers_cover_every_phase_of_a_training_step(phase_timers, layout):
+    *tensors, k = make_inputs(MANY_TILES, "untied", "channels_last" if layout == "transposed" else "contiguous")
+    x = tensors[0] if layout == "contiguous" else tensors[0].transpose(2, 3).contiguous().transpose(2, 3)
+    s, l, r = _C.mcl_embed(x, *tensors[1:], k)
+    forward = dict(_C.cpu_phases_take())
+    assert set(forward) == FORWARD_PHASES and all(t > 0 for t in forward.values())
+    _C.mcl_embed_backward(torch.randn_like(s), torch.randn_like(l), torch.randn_like(r), x, *tensors[1:], s, l, k,
+                          [True] * 7)
+    backward = dict(_C.cpu_phases_take())
+    assert set(backward) == BACKWARD_PHASES and all(t > 0 for t in backward.values())
+    assert dict(_C.cpu_phases_take()) == {}  # take() zeroed them
+
+
+def test_phase_timers_cover_mcl_compress(phase_timers):
+    tokens = rand(2, 16 * 8, 12)
+    cw, dw = rand(12, 4 * 12, scale=0.15), rand(4 * 12, 12, scale=0.3)
+    L, R = _C.mcl_compress(tokens, cw, None, dw, None, 16, 8, 2)
+    assert set(dict(_C.cpu_phases_take())) == {"fwd.group", "fwd.large_gemm", "fwd.recon_gemm", "fwd.ungroup"}
+    _C.mcl_compress_backward(torch.randn_like(L), torch.randn_like(R), tokens, cw, None, dw, None, L, 16, 8, 2,
+                             [True] * 5)
+    assert {"bwd.group", "bwd.token_gemms", "bwd.stacks", "bwd.input_grad", "bwd.weight_gemms"} <= \
+        set(dict(_C.cpu_phases_take()))
+
+
+def test_phase_timers_are_off_unless_switched_on():
+    _C.cpu_phases_take()
+    *tensors, k = make_inputs(SHAPES[0])
+    _C.mcl_embed(*tensors, k)
+    assert _C.cpu_phases_take() == []

@@ -31,6 +31,9 @@
 //
 // mcl_compress is the same level from tokens: G is gathered from the tokens instead of computed from pixels,
 // and the backward ends by scattering gl W_c back to the token grid.
+//
+// Each step above is a phase of phases.h (its time summed over threads when the timers are on): the numbers
+// behind "where does a step's time go" in benchmarks/cpu_phases.py.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -45,6 +48,7 @@
 
 #include "../mcl_embed.h"
 #include "patch_gemm.h"
+#include "phases.h"
 #include "tile_gemm.h"
 
 namespace mcl {
@@ -57,6 +61,8 @@ using cpu::cvt;
 using cpu::Gemm;
 using cpu::op_type;
 using cpu::round_up;
+using Phase = cpu::phases::Phase;
+using PhaseScope = cpu::phases::Scope;
 namespace patch_gemm = cpu::patch_gemm;
 
 // Large tokens per tile (times k*k small tokens; whole large rows, so 98 = 2 images and 63 = 9 rows of 7 at
@@ -266,9 +272,12 @@ struct LevelForward {
     } else {
       l = ptr<A>(lbuf[slot]);
     }
-    if (!bc.empty()) cpu::fill_rows(l, D, T, D, bc.data());
-    gemm.run(T, D, KDp, ga, ldg, ptr<O>(wc_b), D, l, D, !bc.empty());
-    if constexpr (!kDirect) convert_n(l, lout, T * D);
+    {
+      const PhaseScope ps(Phase::kForwardLarge);
+      if (!bc.empty()) cpu::fill_rows(l, D, T, D, bc.data());
+      gemm.run(T, D, KDp, ga, ldg, ptr<O>(wc_b), D, l, D, !bc.empty());
+      if constexpr (!kDirect) convert_n(l, lout, T * D);
+    }
     if (!decompress) return;
 
     const O* la;
@@ -281,7 +290,11 @@ struct LevelForward {
       la = lo, ldl = Dp;
     }
     A* r = ptr<A>(rbuf[slot]);
-    gemm.run(T, KD, Dp, la, ldl, ptr<O>(wd_b), KD, r, KD, false);
+    {
+      const PhaseScope ps(Phase::kForwardRecon);
+      gemm.run(T, KD, Dp, la, ldl, ptr<O>(wd_b), KD, r, KD, false);
+    }
+    const PhaseScope ps(Phase::kForwardUngroup);
     for_each_group_row(g, r0, r1, [&](int64_t t, int64_t u, int64_t flat) {
       A* src = r + t * KD + u * kD;
       if (!bd.empty()) {
@@ -341,6 +354,7 @@ void run_jobs(const Gemm<O>& gemm, const std::vector<GemmJob<O>>& jobs, int64_t 
     const GemmJob<O>& j = jobs[items[i].job];
     const int64_t m0 = items[i].m0;
     const std::vector<int64_t>& off = *j.off;
+    const PhaseScope ps(Phase::kBackwardWeightGemm);
     for (size_t t = 0; t + 1 < off.size(); ++t) {  // B's rows of tile t start at row off[t] (VNNI: even)
       gemm.run(items[i].rows, j.N, off[t + 1] - off[t], j.a + m0 * j.lda + off[t], j.lda, j.b + off[t] * j.ldb, j.ldb,
                j.c + m0 * j.ldc, j.ldc, true);
@@ -490,22 +504,36 @@ struct LevelBackward {
     const int64_t lrow0 = r0 * g.Wl;
     O* gra = scratch.empty() ? nullptr : ptr<O>(scratch[slot]);
     if (has_gr && (need_dw || need_db || need_gl)) {
-      for_each_group_row(g, r0, r1, [&](int64_t t, int64_t u, int64_t flat) {
-        convert_n(gR + flat * D, gra + t * KDp + u * kD, kD);
-      });
-      for (int64_t t = 0; KDp > KD && t < T; ++t) std::fill(gra + t * KDp + KD, gra + (t + 1) * KDp, O(0));
-      if (need_db) cpu::add_column_sums(gra, KDp, T, KD, db_parts.part(i));
+      {
+        const PhaseScope ps(Phase::kBackwardGroup);
+        for_each_group_row(g, r0, r1, [&](int64_t t, int64_t u, int64_t flat) {
+          convert_n(gR + flat * D, gra + t * KDp + u * kD, kD);
+        });
+        for (int64_t t = 0; KDp > KD && t < T; ++t) std::fill(gra + t * KDp + KD, gra + (t + 1) * KDp, O(0));
+      }
+      if (need_db) {
+        const PhaseScope ps(Phase::kBackwardBias);
+        cpu::add_column_sums(gra, KDp, T, KD, db_parts.part(i));
+      }
       if (need_dw) {  // dW_d [KD, D] += gRg^T [KD, T] L [T, D]
+        const PhaseScope ps(Phase::kBackwardStacks);
         cpu::transpose_to(gra, KDp, T, Tp, KD, ptr<O>(grT) + off, ldst);
         stack_rows(Ls + lrow0 * D, T, Tp, D, ptr<O>(lB) + off * D);
       }
     }
     if (!need_gl) return;
     A* gla = ptr<A>(gl[slot]);
-    if (gL != nullptr) convert_n(gL + lrow0 * D, gla, T * D);
-    if (has_gr) gemm.run(T, D, KDp, gra, KDp, wd_b, D, gla, D, gL != nullptr);
-    if (need_cb) cpu::add_column_sums(gla, D, T, D, cb_parts.part(i));
+    {
+      const PhaseScope ps(Phase::kBackwardTokenGemm);
+      if (gL != nullptr) convert_n(gL + lrow0 * D, gla, T * D);
+      if (has_gr) gemm.run(T, D, KDp, gra, KDp, wd_b, D, gla, D, gL != nullptr);
+    }
+    if (need_cb) {
+      const PhaseScope ps(Phase::kBackwardBias);
+      cpu::add_column_sums(gla, D, T, D, cb_parts.part(i));
+    }
     if (need_cw) {  // dW_c [D, KD] += gl^T [D, T] G [T, KD], G re-gathered from its source
+      const PhaseScope ps(Phase::kBackwardStacks);
       cpu::transpose_to(gla, D, T, Tp, D, ptr<O>(glT) + off, ldst);
       // Rows of k*D elements; in VNNI layout, large tokens t and t + 1 interleaved (bf16, where the source
       // already has the operand type).
@@ -582,11 +610,15 @@ void run_rounds(const Tiling& tl, const Grid& g, const Gemm<O>& gemm, TileFn&& t
   const int64_t rounds = (tl.ntiles + tl.nslots - 1) / tl.nslots;
   for (int64_t r = 0; r < rounds; ++r) {
     const int64_t first = r * tl.nslots, tiles = std::min(tl.nslots, tl.ntiles - first);
-    for_each_item(tiles, tl.nslots, gemm, [&](int64_t slot, int64_t i) {
-      tile(slot, i, tl.row0(first + i), tl.row1(first + i, g), r);
-    });
+    {
+      const PhaseScope ps(Phase::kBackwardTilesWall);
+      for_each_item(tiles, tl.nslots, gemm, [&](int64_t slot, int64_t i) {
+        tile(slot, i, tl.row0(first + i), tl.row1(first + i, g), r);
+      });
+    }
     std::vector<GemmJob<O>> list;
     jobs(list, r);
+    const PhaseScope ps(Phase::kBackwardGemmWall);
     run_jobs(gemm, list, tl.nslots);
     after(tiles);
   }
@@ -634,25 +666,31 @@ std::tuple<at::Tensor, at::Tensor, OptTensor> embed_forward(const at::Tensor& x,
       const auto sbuf = kAlias ? per_slot<A>(tl.nslots, tsmax * D, false) : std::vector<at::Tensor>{};
       const int64_t sB = x.stride(0), sC = x.stride(1), sH = x.stride(2);
       run_tiles(tl, g, gemm, [&](int64_t slot, int64_t r0, int64_t r1) {
-        for (int64_t q = 0; q < Q; ++q) {
-          const int64_t d0 = q * patch_gemm::kPanel, cols = std::min(patch_gemm::kPanel, D - d0);
-          const scalar_t* wq = ptr<scalar_t>(es_p) + q * panel;
-          for (int64_t rr = r0; rr < r1; ++rr) {
-            for (int64_t u = 0; u < k; ++u) {  // small-patch row rr * k + u: Ws patches, Ws rows of S
-              const scalar_t* row = xp + (rr / l.Hl) * sB + ((rr % l.Hl) * k + u) * s.p * sH;
-              scalar_t* srow = Sout + g.small(rr, 0, u) * D + d0;
-              patch_gemm::for_each_block(g.Ws, [&](int64_t j, int64_t m) {
-                patch_gemm::run(row + j * s.p, sC, sH, s.p, s.C, m, wq, cols, start.data() + d0, 0, srow + j * D, D);
-              });
+        {
+          const PhaseScope ps(Phase::kForwardSmall);
+          for (int64_t q = 0; q < Q; ++q) {
+            const int64_t d0 = q * patch_gemm::kPanel, cols = std::min(patch_gemm::kPanel, D - d0);
+            const scalar_t* wq = ptr<scalar_t>(es_p) + q * panel;
+            for (int64_t rr = r0; rr < r1; ++rr) {
+              for (int64_t u = 0; u < k; ++u) {  // small-patch row rr * k + u: Ws patches, Ws rows of S
+                const scalar_t* row = xp + (rr / l.Hl) * sB + ((rr % l.Hl) * k + u) * s.p * sH;
+                scalar_t* srow = Sout + g.small(rr, 0, u) * D + d0;
+                patch_gemm::for_each_block(g.Ws, [&](int64_t j, int64_t m) {
+                  patch_gemm::run(row + j * s.p, sC, sH, s.p, s.C, m, wq, cols, start.data() + d0, 0, srow + j * D, D);
+                });
+              }
             }
           }
         }
         const int64_t kD = k * D;
         O* ga = kAlias ? ptr<O>(sbuf[slot]) : ptr<O>(gbuf[slot]);
         const int64_t ldg = kAlias ? KD : KDp;
-        for_each_group_row(g, r0, r1, [&](int64_t t, int64_t u, int64_t flat) {
-          convert_n(Sout + flat * D, ga + t * ldg + u * kD, kD);
-        });
+        {
+          const PhaseScope ps(Phase::kForwardGroup);
+          for_each_group_row(g, r0, r1, [&](int64_t t, int64_t u, int64_t flat) {
+            convert_n(Sout + flat * D, ga + t * ldg + u * kD, kD);
+          });
+        }
         level.tile(slot, r0, r1, ga, ldg);
       });
       return {S, L, R};
@@ -664,24 +702,33 @@ std::tuple<at::Tensor, at::Tensor, OptTensor> embed_forward(const at::Tensor& x,
   const auto sbuf = per_slot<A>(tl.nslots, tsmax * D, false);
   run_tiles(tl, g, gemm, [&](int64_t slot, int64_t r0, int64_t r1) {
     const int64_t T = (r1 - r0) * l.Wl, Ts = T * k2, kD = k * D;
-    O* a = ptr<O>(abuf[slot]);
-    for_each_patch_row(xp, x.strides(), s, r0, r1, [&](int64_t row, int64_t col0, const scalar_t* px, int64_t sW) {
-      copy_pixels(px, sW, s.p, a + row * Kp + col0);
-    });
     A* sa = ptr<A>(sbuf[slot]);
-    if (!bs.empty()) cpu::fill_rows(sa, D, Ts, D, bs.data());
-    gemm.run(Ts, D, Kp, a, Kp, ptr<O>(es_b), D, sa, D, !bs.empty());
-    if constexpr (kAlias) {
-      for_each_group_row(g, r0, r1, [&](int64_t t, int64_t u, int64_t flat) {
-        convert_n(sa + (t * k + u) * kD, Sout + flat * D, kD);
+    {
+      const PhaseScope ps(Phase::kForwardSmall);
+      O* a = ptr<O>(abuf[slot]);
+      for_each_patch_row(xp, x.strides(), s, r0, r1, [&](int64_t row, int64_t col0, const scalar_t* px, int64_t sW) {
+        copy_pixels(px, sW, s.p, a + row * Kp + col0);
       });
+      if (!bs.empty()) cpu::fill_rows(sa, D, Ts, D, bs.data());
+      gemm.run(Ts, D, Kp, a, Kp, ptr<O>(es_b), D, sa, D, !bs.empty());
+    }
+    if constexpr (kAlias) {
+      {
+        const PhaseScope ps(Phase::kForwardGroup);
+        for_each_group_row(g, r0, r1, [&](int64_t t, int64_t u, int64_t flat) {
+          convert_n(sa + (t * k + u) * kD, Sout + flat * D, kD);
+        });
+      }
       level.tile(slot, r0, r1, sa, KD);  // the (t, u, v) tile [k*k*T, D] is G [T, k*k*D]
     } else {  // bf16: round S once, output it, and compress the rounded S as the reference does
       O* ga = ptr<O>(gbuf[slot]);
-      for (int64_t t = 0; t < T; ++t) convert_n(sa + t * KD, ga + t * KDp, KD);
-      for_each_group_row(g, r0, r1, [&](int64_t t, int64_t u, int64_t flat) {
-        convert_n(ga + t * KDp + u * kD, Sout + flat * D, kD);
-      });
+      {
+        const PhaseScope ps(Phase::kForwardGroup);
+        for (int64_t t = 0; t < T; ++t) convert_n(sa + t * KD, ga + t * KDp, KD);
+        for_each_group_row(g, r0, r1, [&](int64_t t, int64_t u, int64_t flat) {
+          convert_n(ga + t * KDp + u * kD, Sout + flat * D, kD);
+        });
+      }
       level.tile(slot, r0, r1, ga, KDp);
     }
   });
@@ -757,16 +804,22 @@ std::vector<OptTensor> embed_backward(const at::Tensor& g_small, const at::Tenso
     // gS' = gS in tile order + gl W_c (the gradient of G, whose [T, k*k*D] rows are the tile's [k*k*T, D] rows)
     A* gs = ptr<A>(level.scratch[slot]);  // the grouped gR is no longer needed
     if (has_gs) {
+      const PhaseScope ps(Phase::kBackwardGroup);
       for_each_group_row(g, r0, r1, [&](int64_t t, int64_t u, int64_t flat) {
         convert_n(gS + flat * D, gs + (t * k + u) * kD, kD);
       });
     }
     if (level.has_gl) {
+      const PhaseScope ps(Phase::kBackwardTokenGemm);
       const auto [gla, ldg] = level.gl_operand(slot);
       gemm.run(T, KD, Dp, gla, ldg, level.wc_b, KD, gs, KD, has_gs);
     }
-    if (need_pb) cpu::add_column_sums(gs, D, Ts, D, pb_parts.part(i));
+    if (need_pb) {
+      const PhaseScope ps(Phase::kBackwardBias);
+      cpu::add_column_sums(gs, D, Ts, D, pb_parts.part(i));
+    }
     if (need_pw) {  // dE [D, K] += gS'^T [D, Ts] A [Ts, K], A rebuilt from x
+      const PhaseScope ps(Phase::kBackwardStacks);
       cpu::transpose_to(gs, D, Ts, Tsp, D, ptr<O>(gsT) + off, ldst);
       O* imb = ptr<O>(imB) + off * K;
       if (!gemm.vnni()) {
@@ -790,6 +843,7 @@ std::vector<OptTensor> embed_backward(const at::Tensor& g_small, const at::Tenso
       }
     }
     if (need_x) {  // gx = col2im(gS' E): patches do not overlap, so every pixel is written once
+      const PhaseScope ps(Phase::kBackwardInput);
       const O* gsa;
       int64_t ldgs;
       if constexpr (kAlias) {
@@ -850,9 +904,12 @@ std::tuple<at::Tensor, OptTensor> compress_forward(const at::Tensor& tokens, con
   const auto* tok = ptr<const scalar_t>(tokens);
   run_tiles(tl, g, gemm, [&](int64_t slot, int64_t r0, int64_t r1) {
     O* ga = ptr<O>(gbuf[slot]);
-    for_each_group_row(g, r0, r1, [&](int64_t t, int64_t u, int64_t flat) {
-      convert_n(tok + flat * D, ga + t * KDp + u * k * D, k * D);
-    });
+    {
+      const PhaseScope ps(Phase::kForwardGroup);
+      for_each_group_row(g, r0, r1, [&](int64_t t, int64_t u, int64_t flat) {
+        convert_n(tok + flat * D, ga + t * KDp + u * k * D, k * D);
+      });
+    }
     level.tile(slot, r0, r1, ga, KDp);
   });
   return {L, R};
@@ -889,6 +946,7 @@ std::vector<OptTensor> compress_backward(const at::Tensor& g_large, const at::Te
     level.tile(slot, i, r0, r1, lr[r].off[i]);
     if (!tok_grad) return;
     const int64_t T = (r1 - r0) * l.Wl;
+    const PhaseScope ps(Phase::kBackwardInput);
     A* gg = ptr<A>(level.scratch[slot]);  // the grouped gR is no longer needed
     const auto [gla, ldg] = level.gl_operand(slot);
     gemm.run(T, KD, Dp, gla, ldg, level.wc_b, KD, gg, KD, false);
