@@ -186,9 +186,11 @@ def print_table(rows: List[Row]) -> None:
 
 
 def write_json(path: str, env: Dict[str, object], peaks: Dict[str, float], rows: List[Row],
-               args: Dict[str, object]) -> None:
+               args: Dict[str, object], extra: Optional[Dict[str, object]] = None) -> None:
+    """The run's record: environment, measured peaks, arguments, rows, and any `extra` top-level entries."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     doc = {"environment": env, "mm_peak_gflops": peaks, "args": args, "rows": [asdict(r) for r in rows]}
+    doc.update(extra or {})
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(doc, f, indent=2)

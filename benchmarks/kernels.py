@@ -134,6 +134,25 @@ def _compiled(fn: Callable, args: argparse.Namespace) -> Optional[Callable]:
     return harness.compiled(fn, args.no_compile)
 
 
+def training_gemms(D: int, C: int, H: int, W: int, p: int, k: int) -> Dict[str, int]:
+    """Multiply-adds per image of the training embedding's three GEMMs (S, L and R)."""
+    ns, nl = (H // p) * (W // p), (H // (p * k)) * (W // (p * k))
+    return {"embed": ns * D * C * p * p, "compress": nl * D * k * k * D, "decompress": nl * k * k * D * D}
+
+
+def training_inputs(B: int, D: int, C: int, H: int, W: int, p: int, k: int, dtype: torch.dtype,
+                    device: torch.device) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """Seeded image and (proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b), each weight scaled by its fan-in."""
+    torch.manual_seed(0)
+    x = torch.randn(B, C, H, W, device=device, dtype=dtype)
+
+    def param(*shape, fan_in):
+        return (torch.randn(*shape, device=device, dtype=torch.float32) * fan_in ** -0.5).to(dtype)
+
+    return x, [param(D, C, p, p, fan_in=C * p * p), param(D, fan_in=1), param(D, k * k * D, fan_in=k * k * D),
+               param(D, fan_in=1), param(k * k * D, D, fan_in=D), param(k * k * D, fan_in=1)]
+
+
 def training_sections(runner: Runner, sections: Sequence[str], dtype_name: str, peak: float) -> None:
     args, dev, dtype = runner.args, runner.device, DTYPES[dtype_name]
     p, k, C = args.patch, args.compress, 3
@@ -141,16 +160,9 @@ def training_sections(runner: Runner, sections: Sequence[str], dtype_name: str, 
     ns, nl = (H // p) * (W // p), (H // (p * k)) * (W // (p * k))
     backends = kernel_backends(dev, "mcl_embed")
     for D in _ints(args.widths):
-        gemm = {"embed": ns * D * C * p * p, "compress": nl * D * k * k * D, "decompress": nl * k * k * D * D}
+        gemm = training_gemms(D, C, H, W, p, k)
         for B in _ints(args.batches):
-            torch.manual_seed(0)
-            x = torch.randn(B, C, H, W, device=dev, dtype=dtype)
-
-            def param(*shape, fan_in):
-                return (torch.randn(*shape, device=dev, dtype=torch.float32) * fan_in ** -0.5).to(dtype)
-
-            params = [param(D, C, p, p, fan_in=C * p * p), param(D, fan_in=1), param(D, k * k * D, fan_in=k * k * D),
-                      param(D, fan_in=1), param(k * k * D, D, fan_in=D), param(k * k * D, fan_in=1)]
+            x, params = training_inputs(B, D, C, H, W, p, k, dtype, dev)
             leaves = [t.requires_grad_(True) for t in params]
             fwd_flops = 2.0 * B * sum(gemm.values())
             # backward: every weight gradient (= the forward's FLOPs) + the token gradients through decompression

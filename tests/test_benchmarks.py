@@ -208,3 +208,30 @@ def test_fma_peak_tool_builds_and_reports(tmp_path):
     lines = [line for line in out.splitlines() if line.startswith("fp32 FMA peak")]
     assert lines and lines[0].startswith("fp32 FMA peak, 1 thread:"), out
     assert all(float(line.split(":")[1].split()[0]) > 0 for line in lines), out
+
+
+def test_cpu_phases_quick_run(tmp_path):
+    """benchmarks/cpu_phases.py: the C++ training kernel's time by phase, with the GEMM phases' rates."""
+    pytest.importorskip("mcl_kernels._C", reason="the C++ kernels are not built")
+    out = tmp_path / "phases.json"
+    res = _run(os.path.join(ROOT, "benchmarks", "cpu_phases.py"), "--quick", "--fma-limit", "200", "--json", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    phases = {p["phase"]: p for p in doc["phases"]}
+    for gemm in ("fwd.small_gemm", "fwd.large_gemm", "fwd.recon_gemm", "bwd.token_gemms", "bwd.weight_gemms"):
+        assert phases[gemm]["gflop"] > 0 and phases[gemm]["gflops_per_thread"] > 0 and phases[gemm]["fma_fraction"] > 0
+    assert phases["bwd.wall.tiles"]["wall_ms"] > 0 and doc["step_ms"] > 0
+    shares = [p["share"] for p in doc["phases"] if "share" in p]
+    assert abs(sum(shares) - 1) < 1e-6
+
+
+def test_gemm_cache_tool_builds_and_reports(tmp_path):
+    """benchmarks/gemm_cache.py (the L2-against-L3 GEMM rates README cites) builds its extension and reports both
+    rates for every call it lists."""
+    pytest.importorskip("mcl_kernels._C", reason="the C++ kernels are not built")
+    out = tmp_path / "gemm.json"
+    res = _run(os.path.join(ROOT, "benchmarks", "gemm_cache.py"), "--quick", "--fma-limit", "100", "--json", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all(r["gflops_l2"] > 0 and r["gflops_l3"] > 0 and r["sets_streamed"] > 1 for r in rows)
+    assert all(r["fma_fraction_l2"] > 0 for r in rows)
