@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
-from kernels import DTYPES, training_gemms, training_inputs  # noqa: E402
+from kernels import DTYPES, token_counts, training_gemms, training_inputs  # noqa: E402
 
 import mcl_kernels as mk  # noqa: E402
 
@@ -63,10 +63,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def phase_flops(B: int, D: int, C: int, H: int, W: int, p: int, k: int) -> Dict[str, float]:
     """FLOPs per step of the GEMM phases (2 per multiply-add)."""
     g = training_gemms(D, C, H, W, p, k)
-    level = 2.0 * B * g["compress"]  # one [tokens, k*k*D] x [k*k*D, D] product, = the decompression's
-    return {"fwd.small_gemm": 2.0 * B * g["embed"], "fwd.large_gemm": level, "fwd.recon_gemm": level,
-            "bwd.token_gemms": 2 * level,  # gl = gL + gRg W_d, gS' = gS + gl W_c
-            "bwd.weight_gemms": 2.0 * B * g["embed"] + 2 * level}  # dE, dW_c, dW_d
+    embed, comp, decomp = (2.0 * B * g[name] for name in ("embed", "compress", "decompress"))
+    return {"fwd.small_gemm": embed, "fwd.large_gemm": comp, "fwd.recon_gemm": decomp,
+            "bwd.token_gemms": decomp + comp,  # gl = gL + gRg W_d, gS' = gS + gl W_c
+            "bwd.weight_gemms": embed + comp + decomp}  # dE, dW_c, dW_d
 
 
 def measure(args: argparse.Namespace) -> Dict[str, object]:
@@ -75,7 +75,7 @@ def measure(args: argparse.Namespace) -> Dict[str, object]:
     dtype = DTYPES[args.dtype]
     x, params = training_inputs(B, D, C, H, W, p, k, dtype, torch.device("cpu"))
     leaves = [t.requires_grad_(True) for t in params]
-    ns, nl = (H // p) * (W // p), (H // (p * k)) * (W // (p * k))
+    ns, nl = token_counts(H, W, p, k)
     ups = [torch.randn(B, ns, D, dtype=dtype), torch.randn(B, nl, D, dtype=dtype), torch.randn(B, ns, D, dtype=dtype)]
 
     def step():

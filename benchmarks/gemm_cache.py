@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 from typing import Dict, List, Optional, Sequence
 
@@ -90,4 +89,4 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    main()

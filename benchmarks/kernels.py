@@ -134,9 +134,14 @@ def _compiled(fn: Callable, args: argparse.Namespace) -> Optional[Callable]:
     return harness.compiled(fn, args.no_compile)
 
 
+def token_counts(H: int, W: int, p: int, k: int) -> Tuple[int, int]:
+    """Small and large tokens per image of the training embedding."""
+    return (H // p) * (W // p), (H // (p * k)) * (W // (p * k))
+
+
 def training_gemms(D: int, C: int, H: int, W: int, p: int, k: int) -> Dict[str, int]:
     """Multiply-adds per image of the training embedding's three GEMMs (S, L and R)."""
-    ns, nl = (H // p) * (W // p), (H // (p * k)) * (W // (p * k))
+    ns, nl = token_counts(H, W, p, k)
     return {"embed": ns * D * C * p * p, "compress": nl * D * k * k * D, "decompress": nl * k * k * D * D}
 
 
@@ -157,7 +162,7 @@ def training_sections(runner: Runner, sections: Sequence[str], dtype_name: str, 
     args, dev, dtype = runner.args, runner.device, DTYPES[dtype_name]
     p, k, C = args.patch, args.compress, 3
     H = W = args.img_size
-    ns, nl = (H // p) * (W // p), (H // (p * k)) * (W // (p * k))
+    ns, nl = token_counts(H, W, p, k)
     backends = kernel_backends(dev, "mcl_embed")
     for D in _ints(args.widths):
         gemm = training_gemms(D, C, H, W, p, k)

@@ -1,16 +1,20 @@
 // phases.h: the counters.
 #include "phases.h"
 
+#include <array>
+
 namespace mcl::cpu::phases {
 
 namespace {
 
 std::array<std::atomic<int64_t>, kCount> counters{};
 
-constexpr std::array<const char*, kCount> kNames = {
+// The names benchmarks/cpu_phases.py reports, in Phase order.
+constexpr const char* kNames[] = {
     "fwd.small_gemm", "fwd.group",       "fwd.large_gemm", "fwd.recon_gemm",   "fwd.ungroup",
     "bwd.group",      "bwd.token_gemms", "bwd.stacks",     "bwd.bias_sums",    "bwd.input_grad",
     "bwd.weight_gemms", "bwd.wall.tiles", "bwd.wall.weight_gemms"};
+static_assert(sizeof(kNames) / sizeof(kNames[0]) == kCount, "one name per phase");
 
 }  // namespace
 
@@ -19,11 +23,7 @@ std::atomic<bool> on{false};
 void add(Phase p, int64_t ns) { counters[p].fetch_add(ns, std::memory_order_relaxed); }
 }  // namespace detail
 
-const char* name(Phase p) { return kNames[p]; }
-
 void set_enabled(bool on) { detail::on.store(on, std::memory_order_relaxed); }
-
-bool enabled() { return detail::on.load(std::memory_order_relaxed); }
 
 std::vector<std::pair<std::string, double>> take() {
   std::vector<std::pair<std::string, double>> out;

@@ -7,7 +7,6 @@
 // count 20 ms); when profiling is off, a Scope is one relaxed atomic load.
 #pragma once
 
-#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -34,11 +33,7 @@ enum Phase : int {
   kCount
 };
 
-// Name of each phase as benchmarks/cpu_phases.py reports it.
-const char* name(Phase p);
-
 void set_enabled(bool on);
-bool enabled();
 
 // (name, seconds) of every phase with time recorded since the last take(); then zeroes the counters.
 std::vector<std::pair<std::string, double>> take();
