@@ -72,6 +72,25 @@ MCL_AVX512F inline void fma_broadcast(__m512& acc, __m512 w, const c10::BFloat16
   asm("vdpbf16ps %[x]%{1to16%}, %[w], %[acc]" : [acc] "+v"(acc) : [w] "v"(w), [x] "m"(*pair));
 }
 
+// The pixels are prefetched kAheadSteps k steps (weight rows) before their use, a whole image row of the R
+// patches at a time: the hardware prefetchers do not keep up with the R interleaved streams. One thread, patch 32,
+// fp32, pixels streamed from memory: 88% of the FMA limit without, 97% with (99% either way with the pixels in
+// cache). In the ops (2 threads, B = 64, D = 384): inference 93% -> 94%, mcl_embed's S 90% -> 93% (fp32), 88% ->
+// 90% (bf16); 32 to 128 steps measured the same.
+constexpr int64_t kAheadSteps = 64;
+
+// Prefetches image row u of channel c (a row past P is a row of channel c + 1) of the R patches at px.
+template <typename T, int R>
+inline void prefetch_row(const T* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t c, int64_t u) {
+  c += u / P, u %= P;
+  if (c >= C) return;
+  const T* a = px + c * sC + u * sH;
+  const auto end = reinterpret_cast<uintptr_t>(a + R * P);
+  for (auto l = reinterpret_cast<uintptr_t>(a) & ~uintptr_t(63); l < end; l += 64) {
+    __builtin_prefetch(reinterpret_cast<const void*>(l), 0, 3);
+  }
+}
+
 // R rows x V vectors of output; `last` masks the last vector's columns. fp32 walks k one at a time; bf16 in
 // pairs (v, v + 1), adjacent pixels of one image row, against a VNNI panel (kPanel pairs per pair row).
 template <typename T, int R, int V>
@@ -87,8 +106,10 @@ MCL_AVX512F void kernel(const T* px, int64_t sC, int64_t sH, int64_t P, int64_t 
                              : _mm512_loadu_ps(init + r * ldi + 16 * v);
     }
   }
+  const int64_t ahead = (kAheadSteps * kStep + P - 1) / P;  // image rows
   for (int64_t c = 0; c < C; ++c) {
     for (int64_t u = 0; u < P; ++u) {
+      prefetch_row<T, R>(px, sC, sH, P, C, c, u + ahead);
       const T* a = px + c * sC + u * sH;  // patch r's pixel v: a[r * P + v]
       const T* bk = b + (c * P + u) * P * kPanel;
       for (int64_t q = 0; q < P; q += kStep, bk += kStep * kPanel) {
