@@ -34,6 +34,8 @@ SHAPES = [
     (3, 1, 24, 12, 3, 2, 40),   # K = 9 (odd); several large rows per image
     (1, 1, 28, 28, 14, 2, 16),  # patch 14: K = 196
     (1, 3, 16, 40, 4, 2, 72),   # rows of 10 small patches (5 + 5 per direct-kernel call); D = 64 + 8: two panels
+    (2, 3, 32, 64, 16, 2, 72),  # patch 16 (fp32, unit W stride: dE read from the pixels), K = 768: 12 panels
+    (1, 2, 64, 64, 32, 2, 20),  # patch 32: a panel is 2 image rows of 2 runs of 16 pixels
 ]
 MANY_TILES = (12, 1, 64, 16, 2, 2, 8)  # 192 large rows of 4 tokens: several tiles per thread, forward and backward
 VARIANTS = ["untied", "tied", "nodecomp", "nobias"]
@@ -290,6 +292,26 @@ def test_across_thread_counts_bitwise_when_tiles_fill_every_thread(dtype):
     one, two, three = (results_at(n, inputs, ups) for n in (1, 2, 3))
     for i, (a, b, c) in enumerate(zip(one, two, three)):
         assert torch.equal(a, b) and torch.equal(a, c), f"result {i} differs between 1, 2 and 3 threads"
+
+
+def test_weight_gradient_from_the_pixels_bitwise_across_threads_and_agrees_with_im2col():
+    """Patch 16 in fp32 with unit W stride: dE's kernel reads the pixels from x (no im2col stack). Several tiles
+    per thread, so 1, 2 and 3 threads must agree bitwise; the same image channels_last takes the im2col path,
+    which must agree to rounding, and both the float64 reference."""
+    inputs = make_inputs((48, 1, 128, 64, 16, 2, 24), "untied")  # 192 large rows of 2 large tokens
+    ups = upstream(_C.mcl_embed(*inputs[:7], inputs[7]))
+    one, two, three = (results_at(n, inputs, ups) for n in (1, 2, 3))
+    for i, (a, b, c) in enumerate(zip(one, two, three)):
+        assert torch.equal(a, b) and torch.equal(a, c), f"result {i} differs between 1, 2 and 3 threads"
+    x, *rest = inputs
+    cl = (x.contiguous(memory_format=torch.channels_last), *rest)
+    out = _C.mcl_embed(*inputs[:7], inputs[7])
+    direct = _C.mcl_embed_backward(*ups, *inputs[:7], out[0], out[1], inputs[7], needs_for(inputs))
+    im2col = _C.mcl_embed_backward(*ups, *cl[:7], out[0], out[1], inputs[7], needs_for(inputs))
+    _, want = reference_forward_backward(inputs, out, ups, needs_for(inputs), torch.float64)
+    atol = fp32_atol(inputs, out[0].shape[0] * out[0].shape[1])
+    assert_close("dE, pixels vs im2col", direct[1], im2col[1], atol=atol, rtol=1e-5)
+    assert_close("dE, pixels vs reference", direct[1], want[1].float(), atol=atol, rtol=1e-5)
 
 
 def test_across_thread_counts_small_batch_equal_to_rounding():

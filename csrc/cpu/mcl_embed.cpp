@@ -18,7 +18,9 @@
 //   dW_c += gl^T G (G re-gathered from the saved S), db_c += colsum gl
 //   gS' = gS (tile order) + gl W_c:  dE += gS'^T A, db_s += colsum gS',  gx = col2im(gS' E)
 // Recomputed rather than stored: the im2col tile A (a copy of pixels: rebuilding it from x costs one pass over
-// the image, keeping it would cost a [B*Ns, C*p*p] tensor, as large as x, alive from forward to backward) and
+// the image, keeping it would cost a [B*Ns, C*p*p] tensor, as large as x, alive from forward to backward; for
+// fp32 images with unit W stride and p a multiple of 16 on AVX-512 CPUs not even rebuilt: dE's kernel reads the
+// pixels from x, patch_gemm.h, which saved the 4% of the step the im2col took and its 1.5 MB stack) and
 // G (a re-ordering of the saved S). No GEMM is recomputed: S and L are outputs the model holds anyway, and R
 // is not needed. The weight gradients are reduced in rounds (see "Backward, in rounds" below) straight into
 // the gradients, in fp32 (fp64 for fp64), without per-thread copies.
@@ -318,6 +320,11 @@ struct LevelForward {
 
 constexpr int64_t kJobRows = 64;
 
+// dE from the pixels (fp32): items of every row of dE and kDirectPanels panels of 64 columns. Against items of
+// kJobRows rows (each re-reading all the round's pixels) and of 1 or 3 panels, 2 was 1-2% faster a step at
+// D = 384 and 768 (B = 64, paired steps in one process).
+constexpr int64_t kDirectPanels = 2;
+
 // C [M, N] += sum over the round's tiles i of A[:, off_i : off_i + len_i] B[off_i : off_i + len_i, :], where
 // off = round.off (stack positions of the tiles; len_i = off[i + 1] - off[i]).
 template <typename O>
@@ -329,6 +336,10 @@ struct GemmJob {
   acc_type<O>* c;
   int64_t ldc, M, N;
   const std::vector<int64_t>* off;
+  // Set for dE from the pixels (fp32, patch_gemm::run_weight_grad): B's row at stack position i is the pixels of the
+  // patch at tok[i] (no im2col stack), kPanel/16 runs of 16 at tok[i] + poff[4 * q + v] for panel q.
+  const O* const* tok = nullptr;
+  const int64_t* poff = nullptr;
 };
 
 // Runs the jobs' blocks of kJobRows rows (a split independent of the thread count, so the results are too),
@@ -339,11 +350,20 @@ void run_jobs(const Gemm<O>& gemm, const std::vector<GemmJob<O>>& jobs, int64_t 
     size_t job;
     int64_t m0, rows;
     double cost;
+    int64_t q0 = 0, q1 = 0;  // direct dE: the item's panels (all rows)
   };
   std::vector<Item> items;
   for (size_t j = 0; j < jobs.size(); ++j) {
     const int64_t K = jobs[j].off->back();
     if (K == 0) continue;
+    if (jobs[j].tok != nullptr) {  // by panels: an item reads its pixels once, all rows of dE against them
+      const int64_t panels = jobs[j].N / cpu::patch_gemm::kPanel;
+      for (int64_t q = 0; q < panels; q += kDirectPanels) {
+        const int64_t q1 = std::min(panels, q + kDirectPanels);
+        items.push_back({j, 0, jobs[j].M, static_cast<double>(jobs[j].M) * (q1 - q) * cpu::patch_gemm::kPanel * K, q, q1});
+      }
+      continue;
+    }
     for (int64_t m0 = 0; m0 < jobs[j].M; m0 += kJobRows) {
       const int64_t rows = std::min(kJobRows, jobs[j].M - m0);
       items.push_back({j, m0, rows, static_cast<double>(rows) * jobs[j].N * K});
@@ -355,6 +375,20 @@ void run_jobs(const Gemm<O>& gemm, const std::vector<GemmJob<O>>& jobs, int64_t 
     const int64_t m0 = items[i].m0;
     const std::vector<int64_t>& off = *j.off;
     const PhaseScope ps(Phase::kBackwardWeightGemm);
+    if constexpr (std::is_same_v<O, float>) {
+      if (j.tok != nullptr) {  // the tile's pixels in one panel stay in L2 across the row blocks
+        namespace pg = cpu::patch_gemm;
+        for (int64_t q = items[i].q0; q < items[i].q1; ++q) {
+          for (size_t t = 0; t + 1 < off.size(); ++t) {
+            pg::for_each_block(items[i].rows, [&](int64_t first, int64_t m) {
+              pg::run_weight_grad(j.a + (m0 + first) * j.lda + off[t], j.lda, m, j.tok + off[t], off[t + 1] - off[t],
+                                  j.poff + 4 * q, j.c + (m0 + first) * j.ldc + q * pg::kPanel, j.ldc, first == 0);
+            });
+          }
+        }
+        return;
+      }
+    }
     for (size_t t = 0; t + 1 < off.size(); ++t) {  // B's rows of tile t start at row off[t] (VNNI: even)
       gemm.run(items[i].rows, j.N, off[t + 1] - off[t], j.a + m0 * j.lda + off[t], j.lda, j.b + off[t] * j.ldb, j.ldb,
                j.c + m0 * j.ldc, j.ldc, true);
@@ -761,6 +795,13 @@ std::vector<OptTensor> embed_backward(const at::Tensor& g_small, const at::Tenso
   // element by element.
   const bool vnni_pairs = gemm.vnni() && std::is_same_v<scalar_t, c10::BFloat16> && k % 2 == 0 && x.stride(3) == 1;
 
+  // dE from the pixels straight from x (no im2col stack; patch_gemm.h): fp32, unit W stride, p a multiple of 16
+  // (a token's panel columns are then runs of 16 pixels of one image row).
+  bool direct_de = false;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    direct_de = s.p % 16 == 0 && cpu::patch_gemm::reads(x, s.p) && cpu::patch_gemm::weight_grad_available();
+  }
+
   const Tiling tl(g, at::get_num_threads(), backward_tile_tokens<O>());
   const int64_t tmax = tl.max_tokens(g), tsmax = tmax * k2, ldst = tl.nslots * round_up(tsmax, ka);
   LevelBackward<scalar_t> level(gemm, g, tl, g_large, g_recon, comp_w, decomp_w, large, small, level_needs,
@@ -780,12 +821,21 @@ std::vector<OptTensor> embed_backward(const at::Tensor& g_small, const at::Tenso
     if (need_pb) pb_parts.init(tl.nslots, D);
     if (need_pw) {
       gsT = buffer<O>(D * ldst, false);
-      imB = buffer<O>(ldst * K, false);
+      if (!direct_de) imB = buffer<O>(ldst * K, false);
     }
     if (need_x) {
       if (!kAlias) gs_a = per_slot<O>(tl.nslots, tsmax * Dp, true);
       gx_buf = per_slot<A>(tl.nslots, tsmax * K, false);
       es_b = weight_rows_b<O, scalar_t>(gemm, proj_w.reshape({D, K}).contiguous(), Dp, es_hold);
+    }
+  }
+  std::vector<const O*> tokp;  // direct dE: the pixels of the token at each stack position of the round
+  std::vector<int64_t> poff;   // direct dE: offset of panel q's run v of 16 pixels from a patch's pixel (0, 0, 0)
+  if (direct_de && small_grad && need_pw) {
+    tokp.assign(ldst, nullptr);
+    for (int64_t col = 0; col < K; col += 16) {
+      const int64_t c = col / (s.p * s.p), y = col / s.p % s.p, v = col % s.p;
+      poff.push_back(c * x.stride(1) + y * x.stride(2) + v);
     }
   }
   std::vector<Round> lr, sr;  // stack layouts of each round: large tokens, small tokens
@@ -818,11 +868,24 @@ std::vector<OptTensor> embed_backward(const at::Tensor& g_small, const at::Tenso
       const PhaseScope ps(Phase::kBackwardBias);
       cpu::add_column_sums(gs, D, Ts, D, pb_parts.part(i));
     }
-    if (need_pw) {  // dE [D, K] += gS'^T [D, Ts] A [Ts, K], A rebuilt from x
+    if (need_pw) {  // dE [D, K] += gS'^T [D, Ts] A [Ts, K], A rebuilt from x (direct_de: read from x in phase B)
       const PhaseScope ps(Phase::kBackwardStacks);
       cpu::transpose_to(gs, D, Ts, Tsp, D, ptr<O>(gsT) + off, ldst);
-      O* imb = ptr<O>(imB) + off * K;
-      if (!gemm.vnni()) {
+      O* imb = direct_de ? nullptr : ptr<O>(imB) + off * K;
+      if (direct_de) {  // pixel (0, 0, 0) of each small patch of the tile, in tile row order ((t, u, v), as S)
+        const int64_t sB = x.stride(0), sH = x.stride(2);
+        for (int64_t rr = r0; rr < r1; ++rr) {
+          const int64_t b = rr / l.Hl, i = rr % l.Hl, t0 = (rr - r0) * l.Wl;
+          for (int64_t j = 0; j < l.Wl; ++j) {
+            for (int64_t u = 0; u < k; ++u) {
+              for (int64_t v = 0; v < k; ++v) {
+                const scalar_t* px = xp + b * sB + (i * k + u) * s.p * sH + (j * k + v) * s.p;
+                tokp[off + ((t0 + j) * k + u) * k + v] = reinterpret_cast<const O*>(px);
+              }
+            }
+          }
+        }
+      } else if (!gemm.vnni()) {
         for_each_patch_row(xp, x.strides(), s, r0, r1, [&](int64_t row, int64_t col0, const scalar_t* px, int64_t sW) {
           copy_pixels(px, sW, s.p, imb + row * K + col0);
         });
@@ -863,7 +926,13 @@ std::vector<OptTensor> embed_backward(const at::Tensor& g_small, const at::Tenso
   };
   auto jobs = [&](std::vector<GemmJob<O>>& list, int64_t r) {
     level.jobs(list, lr[r].off);
-    if (small_grad && need_pw) list.push_back({ptr<O>(gsT), ldst, ptr<O>(imB), K, pw.ptr(), K, D, K, &sr[r].off});
+    if (small_grad && need_pw) {
+      if (direct_de) {
+        list.push_back({ptr<O>(gsT), ldst, nullptr, K, pw.ptr(), K, D, K, &sr[r].off, tokp.data(), poff.data()});
+      } else {
+        list.push_back({ptr<O>(gsT), ldst, ptr<O>(imB), K, pw.ptr(), K, D, K, &sr[r].off});
+      }
+    }
   };
   auto after = [&](int64_t tiles) {
     level.add_bias_parts(tiles);
