@@ -360,7 +360,8 @@ void run_jobs(const Gemm<O>& gemm, const std::vector<GemmJob<O>>& jobs, int64_t 
       const int64_t panels = jobs[j].N / cpu::patch_gemm::kPanel;
       for (int64_t q = 0; q < panels; q += kDirectPanels) {
         const int64_t q1 = std::min(panels, q + kDirectPanels);
-        items.push_back({j, 0, jobs[j].M, static_cast<double>(jobs[j].M) * (q1 - q) * cpu::patch_gemm::kPanel * K, q, q1});
+        const double cost = static_cast<double>(jobs[j].M) * (q1 - q) * cpu::patch_gemm::kPanel * K;
+        items.push_back({j, 0, jobs[j].M, cost, q, q1});
       }
       continue;
     }
@@ -382,7 +383,7 @@ void run_jobs(const Gemm<O>& gemm, const std::vector<GemmJob<O>>& jobs, int64_t 
           for (size_t t = 0; t + 1 < off.size(); ++t) {
             pg::for_each_block(items[i].rows, [&](int64_t first, int64_t m) {
               pg::run_weight_grad(j.a + (m0 + first) * j.lda + off[t], j.lda, m, j.tok + off[t], off[t + 1] - off[t],
-                                  j.poff + 4 * q, j.c + (m0 + first) * j.ldc + q * pg::kPanel, j.ldc, first == 0);
+                                  j.poff + 4 * q, j.c + (m0 + first) * j.ldc + q * pg::kPanel, j.ldc);
             });
           }
         }

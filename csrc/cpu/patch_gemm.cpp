@@ -177,13 +177,13 @@ void dispatch(const T* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t
 
 // Weight gradient: R rows x 4 vectors of dE in registers, the token loop inside; per token, 4 pixel vectors and R
 // broadcasts of the gradient (folded into the FMA). The call's sum starts from zero and is added to `out` at the
-// end, as brgemm's is: one FMA chain through every token of the batch had 4-8x the error (B = 64, D = 384). Pixels are prefetched kAheadTokens tokens ahead: with 28 FMAs a
-// token, ~900 cycles, about the latency of memory here.
-constexpr int64_t kAheadTokens = 32;
-
+// end, as brgemm's is: one FMA chain through every token of the batch had 4-8x the error (B = 64, D = 384). No
+// software prefetch: fetching the pixels 32 tokens ahead, or the next run's pixels spread over the calls before it,
+// measured the same (one thread, all of dE's rows, x streamed from memory: 89-93% of the FMA limit either way,
+// 97-98% with x in cache).
 template <int R>
 MCL_AVX512F void weight_grad_kernel(const float* a, int64_t lda, const float* const* tok, int64_t n,
-                                    const int64_t* off, float* out, int64_t ldo, bool prefetch) {
+                                    const int64_t* off, float* out, int64_t ldo) {
   static_assert(kPanel == 64, "4 vectors of 16 pixels per token");
   __m512 acc[R][4];
 #pragma GCC unroll 8
@@ -194,11 +194,6 @@ MCL_AVX512F void weight_grad_kernel(const float* a, int64_t lda, const float* co
   const int64_t o0 = off[0], o1 = off[1], o2 = off[2], o3 = off[3];
   for (int64_t s = 0; s < n; ++s) {
     const float* t = tok[s];
-    if (prefetch && s + kAheadTokens < n) {
-      const float* f = tok[s + kAheadTokens];
-      __builtin_prefetch(f + o0, 0, 3), __builtin_prefetch(f + o1, 0, 3);
-      __builtin_prefetch(f + o2, 0, 3), __builtin_prefetch(f + o3, 0, 3);
-    }
     const __m512 w[4] = {_mm512_loadu_ps(t + o0), _mm512_loadu_ps(t + o1), _mm512_loadu_ps(t + o2),
                          _mm512_loadu_ps(t + o3)};
 #pragma GCC unroll 8
@@ -217,7 +212,7 @@ MCL_AVX512F void weight_grad_kernel(const float* a, int64_t lda, const float* co
 }
 
 using WeightGradKernel = void (*)(const float*, int64_t, const float* const*, int64_t, const int64_t*, float*,
-                                  int64_t, bool);
+                                  int64_t);
 
 WeightGradKernel weight_grad_table(int64_t rows) {
   static_assert(kMaxRows == 7, "the table below lists every row count");
@@ -237,10 +232,10 @@ WeightGradKernel weight_grad_table(int64_t rows) {
 bool weight_grad_available() { return available(c10::kFloat, 16); }
 
 void run_weight_grad(const float* a, int64_t lda, int64_t rows, const float* const* tok, int64_t n,
-                     const int64_t* off, float* out, int64_t ldo, bool prefetch) {
+                     const int64_t* off, float* out, int64_t ldo) {
   TORCH_CHECK(weight_grad_available() && rows >= 1 && rows <= kMaxRows && n >= 0,
               "mcl_kernels: patch_gemm::run_weight_grad called outside its contract");
-  weight_grad_table(rows)(a, lda, tok, n, off, out, ldo, prefetch);
+  weight_grad_table(rows)(a, lda, tok, n, off, out, ldo);
 }
 
 bool available(c10::ScalarType dtype, int64_t P) {
@@ -268,8 +263,8 @@ bool available(c10::ScalarType, int64_t) { return false; }
 
 bool weight_grad_available() { return false; }
 
-void run_weight_grad(const float*, int64_t, int64_t, const float* const*, int64_t, const int64_t*, float*, int64_t,
-                     bool) {
+void run_weight_grad(const float*, int64_t, int64_t, const float* const*, int64_t, const int64_t*, float*,
+                     int64_t) {
   TORCH_CHECK(false, "mcl_kernels: patch_gemm needs an x86-64 CPU with AVX-512F");
 }
 

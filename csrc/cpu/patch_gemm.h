@@ -61,10 +61,9 @@ void run(const c10::BFloat16* px, int64_t sC, int64_t sH, int64_t P, int64_t C, 
 //   out[r, :] += sum over s < n of a[r * lda + s] * (token s's pixels in the panel's columns),
 // token s's panel columns being kPanel/16 runs of 16 pixels at tok[s] + off[v], v < kPanel/16 (for patch p, a
 // multiple of 16: runs of one image row each). Each output element gets one FMA chain over s in order (from zero,
-// then added), so the result does not depend on how rows are split into calls or threads. `prefetch`: fetch the pixels ahead (the first call
-// over a run of tokens; the calls after it find them in cache).
+// then added), so the result does not depend on how rows are split into calls or threads.
 bool weight_grad_available();
 void run_weight_grad(const float* a, int64_t lda, int64_t rows, const float* const* tok, int64_t n,
-                     const int64_t* off, float* out, int64_t ldo, bool prefetch);
+                     const int64_t* off, float* out, int64_t ldo);
 
 }  // namespace mcl::cpu::patch_gemm
