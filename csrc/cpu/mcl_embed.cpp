@@ -20,7 +20,8 @@
 // Recomputed rather than stored: the im2col tile A (a copy of pixels: rebuilding it from x costs one pass over
 // the image, keeping it would cost a [B*Ns, C*p*p] tensor, as large as x, alive from forward to backward; for
 // fp32 images with unit W stride and p a multiple of 16 on AVX-512 CPUs not even rebuilt: dE's kernel reads the
-// pixels from x, patch_gemm.h, which saved the 4% of the step the im2col took and its 1.5 MB stack) and
+// pixels from x, patch_gemm.h, which saves the im2col's ~2% of the thread time, 3-4x that in the host's slow
+// phases, and its 1.5 MB stack at D = 384) and
 // G (a re-ordering of the saved S). No GEMM is recomputed: S and L are outputs the model holds anyway, and R
 // is not needed. The weight gradients are reduced in rounds (see "Backward, in rounds" below) straight into
 // the gradients, in fp32 (fp64 for fp64), without per-thread copies.
@@ -320,9 +321,10 @@ struct LevelForward {
 
 constexpr int64_t kJobRows = 64;
 
-// dE from the pixels (fp32): items of every row of dE and kDirectPanels panels of 64 columns. Against items of
-// kJobRows rows (each re-reading all the round's pixels) and of 1 or 3 panels, 2 was 1-2% faster a step at
-// D = 384 and 768 (B = 64, paired steps in one process).
+// dE from the pixels (fp32): items of every row of dE and kDirectPanels panels of 64 columns. Items of kJobRows
+// rows (each re-reading all the round's pixels) were no faster than the im2col path; of 1, 2 or 3 panels, 2 was
+// 0.2-1.7% faster a step than 1 (B = 64, D = 384 and 768, paired steps in one process:
+// benchmarks/results/de-pixels-ab-cpu-2core.txt).
 constexpr int64_t kDirectPanels = 2;
 
 // C [M, N] += sum over the round's tiles i of A[:, off_i : off_i + len_i] B[off_i : off_i + len_i, :], where

@@ -24,7 +24,8 @@ enum Phase : int {
   kForwardUngroup,    // R = ungroup(...) + b_d into the output
   kBackwardGroup,     // gR and gS into tile order
   kBackwardTokenGemm, // gradients of the tokens: gl = gL + gRg W_d, gS' = gS + gl W_c
-  kBackwardStacks,    // weight-gradient operands: transposes of gradient tiles, L, G and the im2col of x
+  kBackwardStacks,    // weight-gradient operands: transposes of gradient tiles, L, G, the im2col of x (not for
+                      // dE read from the pixels)
   kBackwardBias,      // column sums for the bias gradients
   kBackwardInput,     // the gradient of the input: gx = col2im(gS' E), or the tokens' (mcl_compress)
   kBackwardWeightGemm,// the rounds' weight-gradient GEMMs (phase B)
