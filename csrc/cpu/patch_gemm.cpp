@@ -75,8 +75,9 @@ MCL_AVX512F inline void fma_broadcast(__m512& acc, __m512 w, const c10::BFloat16
 // The pixels are prefetched kAheadSteps k steps (weight rows) before their use, a whole image row of the R
 // patches at a time: the hardware prefetchers do not keep up with the R interleaved streams. One thread, patch 32,
 // fp32, pixels streamed from memory: 88% of the FMA limit without, 97% with (99% either way with the pixels in
-// cache). In the ops (2 threads, B = 64, D = 384): inference 93% -> 94%, mcl_embed's S 90% -> 93% (fp32), 88% ->
-// 90% (bf16); 32 to 128 steps measured the same.
+// cache). In the ops (2 threads, B = 64, D = 384): inference 1.5-6% faster, mcl_embed's S 90% -> 93% (fp32), 88% ->
+// 90% (bf16); 64 to 128 steps measured the same, 32 slower in the inference op
+// (benchmarks/results/patch-gemm-prefetch-cpu-2core.txt).
 constexpr int64_t kAheadSteps = 64;
 
 // Prefetches image row u of channel c (a row past P is a row of channel c + 1) of the R patches at px.
