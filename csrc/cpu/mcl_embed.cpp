@@ -339,7 +339,8 @@ struct GemmJob {
   int64_t ldc, M, N;
   const std::vector<int64_t>* off;
   // Set for dE from the pixels (fp32, patch_gemm::run_weight_grad): B's row at stack position i is the pixels of the
-  // patch at tok[i] (no im2col stack), kPanel/16 runs of 16 at tok[i] + poff[4 * q + v] for panel q.
+  // patch at tok[i] (no im2col stack), kPanel/16 runs of 16 at tok[i] + poff[4 * q + v] for panel q; and A is
+  // token-major, its element (row r, stack position i) at a[i * lda + r] (gS' as computed, no transpose).
   const O* const* tok = nullptr;
   const int64_t* poff = nullptr;
 };
@@ -384,7 +385,7 @@ void run_jobs(const Gemm<O>& gemm, const std::vector<GemmJob<O>>& jobs, int64_t 
         for (int64_t q = items[i].q0; q < items[i].q1; ++q) {
           for (size_t t = 0; t + 1 < off.size(); ++t) {
             pg::for_each_block(items[i].rows, [&](int64_t first, int64_t m) {
-              pg::run_weight_grad(j.a + (m0 + first) * j.lda + off[t], j.lda, m, j.tok + off[t], off[t + 1] - off[t],
+              pg::run_weight_grad(j.a + off[t] * j.lda + m0 + first, j.lda, m, j.tok + off[t], off[t + 1] - off[t],
                                   j.poff + 4 * q, j.c + (m0 + first) * j.ldc + q * pg::kPanel, j.ldc);
             });
           }
@@ -817,7 +818,7 @@ std::vector<OptTensor> embed_backward(const at::Tensor& g_small, const at::Tenso
   if (need_pb) pb = GradAcc<scalar_t>({D}, opts);
   BiasParts<A> pb_parts;
   std::vector<at::Tensor> gs_a, gx_buf;
-  at::Tensor gsT, imB, es_hold, gx;  // stacks: gS'^T [D, ldst], A [ldst, K]
+  at::Tensor gsT, imB, es_hold, gx;  // stacks: gS'^T [D, ldst] (direct_de: gS' [ldst, D]), A [ldst, K]
   const O* es_b = nullptr;
   if (need_x) gx = small_grad ? at::empty(x.sizes(), opts) : at::zeros(x.sizes(), opts);
   if (small_grad) {
@@ -856,6 +857,9 @@ std::vector<OptTensor> embed_backward(const at::Tensor& g_small, const at::Tenso
     const int64_t T = (r1 - r0) * l.Wl, Ts = T * k2, Tsp = round_up(Ts, ka), kD = k * D, off = sr[r].off[i];
     // gS' = gS in tile order + gl W_c (the gradient of G, whose [T, k*k*D] rows are the tile's [k*k*T, D] rows)
     A* gs = ptr<A>(level.scratch[slot]);  // the grouped gR is no longer needed
+    if constexpr (std::is_same_v<A, O>) {
+      if (direct_de && need_pw) gs = ptr<O>(gsT) + off * D;
+    }
     if (has_gs) {
       const PhaseScope ps(Phase::kBackwardGroup);
       for_each_group_row(g, r0, r1, [&](int64_t t, int64_t u, int64_t flat) {
@@ -873,7 +877,7 @@ std::vector<OptTensor> embed_backward(const at::Tensor& g_small, const at::Tenso
     }
     if (need_pw) {  // dE [D, K] += gS'^T [D, Ts] A [Ts, K], A rebuilt from x (direct_de: read from x in phase B)
       const PhaseScope ps(Phase::kBackwardStacks);
-      cpu::transpose_to(gs, D, Ts, Tsp, D, ptr<O>(gsT) + off, ldst);
+      if (!direct_de) cpu::transpose_to(gs, D, Ts, Tsp, D, ptr<O>(gsT) + off, ldst);  // direct_de: gs is in gsT
       O* imb = direct_de ? nullptr : ptr<O>(imB) + off * K;
       if (direct_de) {  // pixel (0, 0, 0) of each small patch of the tile, in tile row order ((t, u, v), as S)
         const int64_t sB = x.stride(0), sH = x.stride(2);
@@ -931,7 +935,7 @@ std::vector<OptTensor> embed_backward(const at::Tensor& g_small, const at::Tenso
     level.jobs(list, lr[r].off);
     if (small_grad && need_pw) {
       if (direct_de) {
-        list.push_back({ptr<O>(gsT), ldst, nullptr, K, pw.ptr(), K, D, K, &sr[r].off, tokp.data(), poff.data()});
+        list.push_back({ptr<O>(gsT), D, nullptr, K, pw.ptr(), K, D, K, &sr[r].off, tokp.data(), poff.data()});
       } else {
         list.push_back({ptr<O>(gsT), ldst, ptr<O>(imB), K, pw.ptr(), K, D, K, &sr[r].off});
       }

@@ -200,7 +200,7 @@ MCL_AVX512F void weight_grad_kernel(const float* a, int64_t lda, const float* co
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
-      for (int v = 0; v < 4; ++v) fma_broadcast(acc[r][v], w[v], a + r * lda + s);
+      for (int v = 0; v < 4; ++v) fma_broadcast(acc[r][v], w[v], a + s * lda + r);
     }
   }
 #pragma GCC unroll 8

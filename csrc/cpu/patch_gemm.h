@@ -58,7 +58,8 @@ void run(const c10::BFloat16* px, int64_t sC, int64_t sH, int64_t P, int64_t C, 
 
 // The patch embedding's weight gradient with the im2col folded in (fp32, AVX-512F): one kPanel-column panel of
 // dE [D, K], rows (1..kMaxRows) of it,
-//   out[r, :] += sum over s < n of a[r * lda + s] * (token s's pixels in the panel's columns),
+//   out[r, :] += sum over s < n of a[s * lda + r] * (token s's pixels in the panel's columns),
+// a being token-major (the gradient tile as the GEMM before it wrote it: no transpose),
 // token s's panel columns being kPanel/16 runs of 16 pixels at tok[s] + off[v], v < kPanel/16 (for patch p, a
 // multiple of 16: runs of one image row each). Each output element gets one FMA chain over s in order (from zero,
 // then added), so the result does not depend on how rows are split into calls or threads.
