@@ -25,7 +25,9 @@ ROOT = os.path.dirname(HERE)
 DEFAULT_JSON = os.path.join(HERE, "results", "latest-gemm-cache.json")
 
 # (what, M, N, K) of one call, D = 384: token gradients (phase A, per tile) and one 64-row job of each
-# weight gradient per round (phase B), as csrc/cpu/mcl_embed.cpp issues them.
+# weight gradient per round (phase B), as csrc/cpu/mcl_embed.cpp issues them. The dE job is the im2col path's
+# (channels_last or bf16 images, patches not a multiple of 16); fp32 images with unit W stride compute dE with
+# patch_gemm's own kernel, which reads the pixels from x.
 SHAPES = [
     ("gl = gRg W_d (tile)", 64, 384, 1536),
     ("gS' += gl W_c (tile)", 64, 1536, 384),

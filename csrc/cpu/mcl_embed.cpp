@@ -169,21 +169,47 @@ void run_tiles(const Tiling& tl, const Grid& g, const Gemm<O>& gemm, F&& f) {
   for_each_item(tl.ntiles, tl.nslots, gemm, [&](int64_t slot, int64_t t) { f(slot, tl.row0(t), tl.row1(t, g)); });
 }
 
-// Pixels of the tile's small patches in an image tensor with base pointer `base` and strides `st`:
-// f(row, col0, px, sW) gets the p pixels px[q * sW] of tile row (t, u, v) at columns col0 + q, columns ordered
-// (c, a, q) like proj_w.reshape(D, -1). Any strides (contiguous, channels_last, sliced views).
+// Pixel (0, 0, 0) of large row rr (image rr / Hl, large-patch row rr % Hl) in an image tensor with base pointer
+// `base` and strides `st`: small patch (u, v) of its large token j starts at
+//   origin + u * p * sH + (j * k + v) * p * sW,
+// and is row ((rr - r0) * Wl + j) * k + u) * k + v of a tile starting at large row r0 (S's (t, u, v) order).
+template <typename P>
+P large_row_origin(P base, at::IntArrayRef st, const MclShape& s, int64_t rr) {
+  return base + rr / s.level.Hl * st[0] + rr % s.level.Hl * s.level.k * s.p * st[2];
+}
+
+// Pixels of the tile's small patches: f(row, col0, px, sW) gets the p pixels px[q * sW] of tile row (t, u, v) at
+// columns col0 + q, columns ordered (c, a, q) like proj_w.reshape(D, -1), walking each image row left to right.
+// Any strides (contiguous, channels_last, sliced views).
 template <typename P, typename F>
 void for_each_patch_row(P base, at::IntArrayRef st, const MclShape& s, int64_t r0, int64_t r1, F&& f) {
-  const int64_t sB = st[0], sC = st[1], sH = st[2], sW = st[3];
-  const int64_t p = s.p, k = s.level.k, Hl = s.level.Hl, Wl = s.level.Wl;
+  const int64_t sC = st[1], sH = st[2], sW = st[3];
+  const int64_t p = s.p, k = s.level.k, Wl = s.level.Wl;
   for (int64_t rr = r0; rr < r1; ++rr) {
-    const int64_t b = rr / Hl, i = rr % Hl, t0 = (rr - r0) * Wl;
+    const int64_t t0 = (rr - r0) * Wl;
+    const P origin = large_row_origin(base, st, s, rr);
     for (int64_t c = 0; c < s.C; ++c) {
       for (int64_t y = 0; y < k * p; ++y) {
         const int64_t u = y / p, col0 = (c * p + y % p) * p;
-        P row = base + b * sB + c * sC + (i * k * p + y) * sH;
+        P row = origin + c * sC + y * sH;
         for (int64_t j = 0; j < Wl; ++j) {
           for (int64_t v = 0; v < k; ++v) f(((t0 + j) * k + u) * k + v, col0, row + (j * k + v) * p * sW, sW);
+        }
+      }
+    }
+  }
+}
+
+// The tile's small patches one by one, in tile row order: f(row, px), px the patch's pixel (0, 0, 0).
+template <typename P, typename F>
+void for_each_patch(P base, at::IntArrayRef st, const MclShape& s, int64_t r0, int64_t r1, F&& f) {
+  const int64_t sH = st[2], sW = st[3], p = s.p, k = s.level.k, Wl = s.level.Wl;
+  for (int64_t rr = r0; rr < r1; ++rr) {
+    const P origin = large_row_origin(base, st, s, rr);
+    for (int64_t j = 0; j < Wl; ++j) {
+      for (int64_t u = 0; u < k; ++u) {
+        for (int64_t v = 0; v < k; ++v) {
+          f((((rr - r0) * Wl + j) * k + u) * k + v, origin + u * p * sH + (j * k + v) * p * sW);
         }
       }
     }
@@ -702,7 +728,7 @@ std::tuple<at::Tensor, at::Tensor, OptTensor> embed_forward(const at::Tensor& x,
       patch_gemm::pack(ptr<const scalar_t>(proj_w.reshape({D, K}).contiguous()), D, K, ptr<scalar_t>(es_p));
       const std::vector<float> start = bs.empty() ? std::vector<float>(D, 0.0f) : bs;  // every row: the bias
       const auto sbuf = kAlias ? per_slot<A>(tl.nslots, tsmax * D, false) : std::vector<at::Tensor>{};
-      const int64_t sB = x.stride(0), sC = x.stride(1), sH = x.stride(2);
+      const int64_t sC = x.stride(1), sH = x.stride(2);
       run_tiles(tl, g, gemm, [&](int64_t slot, int64_t r0, int64_t r1) {
         {
           const PhaseScope ps(Phase::kForwardSmall);
@@ -711,7 +737,7 @@ std::tuple<at::Tensor, at::Tensor, OptTensor> embed_forward(const at::Tensor& x,
             const scalar_t* wq = ptr<scalar_t>(es_p) + q * panel;
             for (int64_t rr = r0; rr < r1; ++rr) {
               for (int64_t u = 0; u < k; ++u) {  // small-patch row rr * k + u: Ws patches, Ws rows of S
-                const scalar_t* row = xp + (rr / l.Hl) * sB + ((rr % l.Hl) * k + u) * s.p * sH;
+                const scalar_t* row = large_row_origin(xp, x.strides(), s, rr) + u * s.p * sH;
                 scalar_t* srow = Sout + g.small(rr, 0, u) * D + d0;
                 patch_gemm::for_each_block(g.Ws, [&](int64_t j, int64_t m) {
                   patch_gemm::run(row + j * s.p, sC, sH, s.p, s.C, m, wq, cols, start.data() + d0, 0, srow + j * D, D);
@@ -803,7 +829,7 @@ std::vector<OptTensor> embed_backward(const at::Tensor& g_small, const at::Tenso
   // (a token's panel columns are then runs of 16 pixels of one image row).
   bool direct_de = false;
   if constexpr (std::is_same_v<scalar_t, float>) {
-    direct_de = s.p % 16 == 0 && cpu::patch_gemm::reads(x, s.p) && cpu::patch_gemm::weight_grad_available();
+    direct_de = s.p % 16 == 0 && cpu::patch_gemm::reads(x, s.p);
   }
 
   const Tiling tl(g, at::get_num_threads(), backward_tile_tokens<O>());
@@ -877,38 +903,33 @@ std::vector<OptTensor> embed_backward(const at::Tensor& g_small, const at::Tenso
     }
     if (need_pw) {  // dE [D, K] += gS'^T [D, Ts] A [Ts, K], A rebuilt from x (direct_de: read from x in phase B)
       const PhaseScope ps(Phase::kBackwardStacks);
-      if (!direct_de) cpu::transpose_to(gs, D, Ts, Tsp, D, ptr<O>(gsT) + off, ldst);  // direct_de: gs is in gsT
-      O* imb = direct_de ? nullptr : ptr<O>(imB) + off * K;
-      if (direct_de) {  // pixel (0, 0, 0) of each small patch of the tile, in tile row order ((t, u, v), as S)
-        const int64_t sB = x.stride(0), sH = x.stride(2);
-        for (int64_t rr = r0; rr < r1; ++rr) {
-          const int64_t b = rr / l.Hl, i = rr % l.Hl, t0 = (rr - r0) * l.Wl;
-          for (int64_t j = 0; j < l.Wl; ++j) {
-            for (int64_t u = 0; u < k; ++u) {
-              for (int64_t v = 0; v < k; ++v) {
-                const scalar_t* px = xp + b * sB + (i * k + u) * s.p * sH + (j * k + v) * s.p;
-                tokp[off + ((t0 + j) * k + u) * k + v] = reinterpret_cast<const O*>(px);
-              }
-            }
+      if (direct_de) {  // gs is already in the stack (token-major); phase B reads each patch's pixels from x
+        for_each_patch(xp, x.strides(), s, r0, r1, [&](int64_t row, const scalar_t* px) {
+          tokp[off + row] = reinterpret_cast<const O*>(px);
+        });
+      } else {
+        cpu::transpose_to(gs, D, Ts, Tsp, D, ptr<O>(gsT) + off, ldst);
+        O* imb = ptr<O>(imB) + off * K;
+        if (!gemm.vnni()) {
+          auto copy = [&](int64_t row, int64_t col0, const scalar_t* px, int64_t sW) {
+            copy_pixels(px, sW, s.p, imb + row * K + col0);
+          };
+          for_each_patch_row(xp, x.strides(), s, r0, r1, copy);
+        } else if (vnni_pairs) {  // rows 2m, 2m + 1 are neighbours v, v + 1: p pixels apart in one image row
+          if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+            for_each_patch_row(xp, x.strides(), s, r0, r1, [&](int64_t row, int64_t col0, const scalar_t* px, int64_t) {
+              if ((row & 1) == 0) cpu::simd::interleave(px, px + s.p, imb + ((row >> 1) * K + col0) * 2, s.p);
+            });
           }
-        }
-      } else if (!gemm.vnni()) {
-        for_each_patch_row(xp, x.strides(), s, r0, r1, [&](int64_t row, int64_t col0, const scalar_t* px, int64_t sW) {
-          copy_pixels(px, sW, s.p, imb + row * K + col0);
-        });
-      } else if (vnni_pairs) {  // rows 2m, 2m + 1 are neighbours v, v + 1: p pixels apart in one image row
-        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-          for_each_patch_row(xp, x.strides(), s, r0, r1, [&](int64_t row, int64_t col0, const scalar_t* px, int64_t) {
-            if ((row & 1) == 0) cpu::simd::interleave(px, px + s.p, imb + ((row >> 1) * K + col0) * 2, s.p);
+        } else {  // VNNI: rows 2m and 2m + 1 interleaved, element by element
+          for_each_patch_row(xp, x.strides(), s, r0, r1, [&](int64_t row, int64_t col0, const scalar_t* px,
+                                                             int64_t sW) {
+            O* dst = imb + ((row >> 1) * K + col0) * 2 + (row & 1);
+            for (int64_t q = 0; q < s.p; ++q) dst[2 * q] = cvt<O>(px[q * sW]);
           });
-        }
-      } else {  // VNNI: rows 2m and 2m + 1 interleaved, element by element
-        for_each_patch_row(xp, x.strides(), s, r0, r1, [&](int64_t row, int64_t col0, const scalar_t* px, int64_t sW) {
-          O* dst = imb + ((row >> 1) * K + col0) * 2 + (row & 1);
-          for (int64_t q = 0; q < s.p; ++q) dst[2 * q] = cvt<O>(px[q * sW]);
-        });
-        if (Tsp > Ts) {
-          for (int64_t col = 0; col < K; ++col) imb[((Ts >> 1) * K + col) * 2 + 1] = O(0);
+          if (Tsp > Ts) {
+            for (int64_t col = 0; col < K; ++col) imb[((Ts >> 1) * K + col) * 2 + 1] = O(0);
+          }
         }
       }
     }

@@ -230,11 +230,9 @@ WeightGradKernel weight_grad_table(int64_t rows) {
 
 }  // namespace
 
-bool weight_grad_available() { return available(c10::kFloat, 16); }
-
 void run_weight_grad(const float* a, int64_t lda, int64_t rows, const float* const* tok, int64_t n,
                      const int64_t* off, float* out, int64_t ldo) {
-  TORCH_CHECK(weight_grad_available() && rows >= 1 && rows <= kMaxRows && n >= 0,
+  TORCH_CHECK(available(c10::kFloat, 16) && rows >= 1 && rows <= kMaxRows && n >= 0,
               "mcl_kernels: patch_gemm::run_weight_grad called outside its contract");
   weight_grad_table(rows)(a, lda, tok, n, off, out, ldo);
 }
@@ -261,8 +259,6 @@ void run(const c10::BFloat16* px, int64_t sC, int64_t sH, int64_t P, int64_t C, 
 #else
 
 bool available(c10::ScalarType, int64_t) { return false; }
-
-bool weight_grad_available() { return false; }
 
 void run_weight_grad(const float*, int64_t, int64_t, const float* const*, int64_t, const int64_t*, float*,
                      int64_t) {

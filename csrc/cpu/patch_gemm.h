@@ -56,14 +56,14 @@ void run(const float* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t 
 void run(const c10::BFloat16* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t rows, const c10::BFloat16* b,
          int64_t cols, const float* init, int64_t ldi, c10::BFloat16* out, int64_t ldo);
 
-// The patch embedding's weight gradient with the im2col folded in (fp32, AVX-512F): one kPanel-column panel of
+// The patch embedding's weight gradient with the im2col folded in (fp32; runs where available(kFloat, 16), as
+// reads() says for fp32 images): one kPanel-column panel of
 // dE [D, K], rows (1..kMaxRows) of it,
 //   out[r, :] += sum over s < n of a[s * lda + r] * (token s's pixels in the panel's columns),
 // a being token-major (the gradient tile as the GEMM before it wrote it: no transpose),
 // token s's panel columns being kPanel/16 runs of 16 pixels at tok[s] + off[v], v < kPanel/16 (for patch p, a
 // multiple of 16: runs of one image row each). Each output element gets one FMA chain over s in order (from zero,
 // then added), so the result does not depend on how rows are split into calls or threads.
-bool weight_grad_available();
 void run_weight_grad(const float* a, int64_t lda, int64_t rows, const float* const* tok, int64_t n,
                      const int64_t* off, float* out, int64_t ldo);
 
