@@ -59,17 +59,23 @@ bool reads(const at::Tensor& x, int64_t P) {
 
 namespace {
 
-// acc += broadcast(*x) * w with the broadcast folded into the FMA ({1to16}): GCC otherwise broadcasts into a
-// register, and 7 x 4 accumulators + 4 weight vectors + 1 broadcast is one register more than AVX-512 has (the
-// spill cost an extra load and store per k step).
-MCL_AVX512F inline void fma_broadcast(__m512& acc, __m512 w, const float* x) {
-  asm("vfmadd231ps %[x]%{1to16%}, %[w], %[acc]" : [acc] "+v"(acc) : [w] "v"(w), [x] "m"(*x));
+// One pixel (fp32) or pixel pair (bf16, as one 32-bit word) in every lane, loaded by an instruction of its own, so
+// that the FMAs take register operands only: on an Intel Xeon with AVX-512 and AMX (two FMA ports), an FMA that
+// reads an operand from memory ({1to16} broadcast or a full vector) ran at a third of the register form's rate (81-83
+// against 247 GFLOP/s, 12 chains, one thread). 7 x 4 accumulators + 4 weight vectors + this one is a register more
+// than AVX-512 has: GCC keeps one accumulator on the stack, which costs less there than folded broadcasts did
+// (benchmarks/results/patch-gemm-broadcast-cpu-2core.txt).
+MCL_AVX512F inline __m512 broadcast(const void* x) {
+  __m512 b;
+  asm("vbroadcastss %[x], %[b]" : [b] "=v"(b) : [x] "m"(*static_cast<const float*>(x)));
+  return b;
 }
 
-// bf16: acc += x[0] * w[2i] + x[1] * w[2i + 1] per fp32 lane i (x: one pixel pair, as one broadcast 32-bit word).
-MCL_AVX512F inline void fma_broadcast(__m512& acc, __m512 w, const c10::BFloat16* x) {
-  const auto* pair = reinterpret_cast<const uint32_t*>(x);
-  asm("vdpbf16ps %[x]%{1to16%}, %[w], %[acc]" : [acc] "+v"(acc) : [w] "v"(w), [x] "m"(*pair));
+MCL_AVX512F inline void fma(__m512& acc, __m512 w, __m512 x, float) { acc = _mm512_fmadd_ps(w, x, acc); }
+
+// bf16: acc += x[0] * w[2i] + x[1] * w[2i + 1] per fp32 lane i (x: one pixel pair broadcast as a 32-bit word).
+MCL_AVX512F inline void fma(__m512& acc, __m512 w, __m512 x, c10::BFloat16) {
+  asm("vdpbf16ps %[x], %[w], %[acc]" : [acc] "+v"(acc) : [w] "v"(w), [x] "v"(x));
 }
 
 // The pixels are prefetched kAheadSteps k steps (weight rows) before their use, a whole image row of the R
@@ -79,6 +85,12 @@ MCL_AVX512F inline void fma_broadcast(__m512& acc, __m512 w, const c10::BFloat16
 // 90% (bf16); 64 to 128 steps measured the same, 32 slower in the inference op
 // (benchmarks/results/patch-gemm-prefetch-cpu-2core.txt).
 constexpr int64_t kAheadSteps = 64;
+
+// The weight panel is prefetched kWeightAheadSteps k steps ahead too (it streams from L2: ~768 KiB at patch 32). On
+// the Intel Xeon (two FMA ports, so twice the weight bytes per cycle of Zen 4), one thread, one 7-patch run at
+// patch 32: 78% -> 83% of the FMA limit; 8 to 32 steps measured the same
+// (benchmarks/results/patch-gemm-broadcast-cpu-2core.txt).
+constexpr int64_t kWeightAheadSteps = 16;
 
 // Prefetches image row u of channel c (a row past P is a row of channel c + 1) of the R patches at px.
 template <typename T, int R>
@@ -117,10 +129,13 @@ MCL_AVX512F void kernel(const T* px, int64_t sC, int64_t sH, int64_t P, int64_t 
         __m512 w[V];
 #pragma GCC unroll 4
         for (int v = 0; v < V; ++v) w[v] = _mm512_loadu_ps(bk + 16 * kStep * v);
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) __builtin_prefetch(bk + (kWeightAheadSteps * kPanel + 16 * v) * kStep, 0, 3);
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
+          const __m512 x = broadcast(a + r * P + q);
 #pragma GCC unroll 4
-          for (int v = 0; v < V; ++v) fma_broadcast(acc[r][v], w[v], a + r * P + q);
+          for (int v = 0; v < V; ++v) fma(acc[r][v], w[v], x, T());
         }
       }
     }
@@ -177,7 +192,7 @@ void dispatch(const T* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t
 }
 
 // Weight gradient: R rows x 4 vectors of dE in registers, the token loop inside; per token, 4 pixel vectors and R
-// broadcasts of the gradient (folded into the FMA). The call's sum starts from zero and is added to `out` at the
+// broadcasts of the gradient (each by its own load: see broadcast()). The call's sum starts from zero and is added to `out` at the
 // end, as brgemm's is: one FMA chain through every token of the batch had 4-8x the error (B = 64, D = 384). No
 // software prefetch: fetching the pixels 32 tokens ahead, or the next run's pixels spread over the calls before it,
 // measured the same (one thread, all of dE's rows, x streamed from memory: 89-93% of the FMA limit either way,
@@ -199,8 +214,9 @@ MCL_AVX512F void weight_grad_kernel(const float* a, int64_t lda, const float* co
                          _mm512_loadu_ps(t + o3)};
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
+      const __m512 x = broadcast(a + s * lda + r);
 #pragma GCC unroll 4
-      for (int v = 0; v < 4; ++v) fma_broadcast(acc[r][v], w[v], a + s * lda + r);
+      for (int v = 0; v < 4; ++v) fma(acc[r][v], w[v], x, 0.0f);
     }
   }
 #pragma GCC unroll 8
