@@ -26,6 +26,7 @@ the gradients to compute; absent results are None):
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Sequence, Tuple
@@ -292,10 +293,14 @@ def requested(name: str) -> str:
 
 
 def _below_min_tokens(op: str, device: torch.device, dtype: Optional[torch.dtype],
-                      size: Optional[Tuple[int, int]]) -> bool:
+                      size: Optional[Tuple[int, int]], amx: bool) -> bool:
     """Whether a call of ``size = (tokens, width)`` is below the size where a kernel measured faster than the
-    reference (:data:`AUTO_MIN_TOKENS`)."""
-    rule = AUTO_MIN_TOKENS.get((device.type, op, dtype)) if size is not None else None
+    reference (:data:`AUTO_MIN_TOKENS`, or on an AMX CPU :data:`AUTO_MIN_TOKENS_AMX` where it has an entry)."""
+    if size is None:
+        return False
+    rule = AUTO_MIN_TOKENS_AMX.get((op, dtype)) if amx else None
+    if rule is None:
+        rule = AUTO_MIN_TOKENS.get((device.type, op, dtype))
     if rule is None:
         return False
     tokens, width = size
@@ -305,13 +310,51 @@ def _below_min_tokens(op: str, device: torch.device, dtype: Optional[torch.dtype
     return False
 
 
+# On CPUs with AMX (Intel Xeon 4th gen and later) the measurements above do not hold, and these tables replace
+# them (per op and dtype; a missing entry falls through to the tables above). oneDNN runs the reference's bf16
+# GEMMs and convolutions on the AMX tiles, while the C++ kernels' AVX512-BF16 dot products run at about the fp32
+# FMA rate there. Measured on a 2-core Intel Xeon VM with AMX-BF16 (benchmarks/results/kernels-cpu-2core-intel-
+# amx-grid.json, one run of the full grid, and -1.json, -2.json at D = 384, B = 64; 224x224, patch 16 x 2), time
+# of the reference / time of the C++ kernel (backward = fwd+bwd - fwd):
+#   bf16: embed_tokens 0.30-0.46 (B >= 16); mcl_embed forward 0.47-0.56 (B >= 16); mcl_embed backward 1.29-2.37
+#     except D = 768, B = 1 (0.89). So the reference forward with the C++ backward (the backward reads only the
+#     forward's outputs, whichever backend made them): fwd+bwd 1.19-1.80x the eager reference at B >= 16,
+#     against 0.94-1.23x all-C++.
+#   fp32: mcl_embed forward D = 192 0.98-1.21, D = 384 B = 1 0.64, B >= 16 1.03-1.11, D = 768 0.48-0.77; backward
+#     D <= 384 0.99-1.23, D = 768 0.74-0.81. embed_tokens fp32 1.07-1.26 at every size: it stays on the C++ kernel.
+AUTO_ORDER_AMX: Dict[Tuple[str, torch.dtype], Tuple[str, ...]] = {
+    ("embed_tokens", torch.bfloat16): ("reference",),
+    ("mcl_embed", torch.bfloat16): ("reference",),
+}
+AUTO_MIN_TOKENS_AMX: Dict[Tuple[str, torch.dtype], Tuple[Tuple[int, int], ...]] = {
+    ("mcl_embed", torch.float32): ((192, 0), (384, 16 * 196), (_ANY_WIDTH, _ANY_WIDTH)),
+    ("mcl_embed_backward", torch.float32): ((384, 0), (_ANY_WIDTH, _ANY_WIDTH)),
+    ("mcl_embed_backward", torch.bfloat16): ((384, 0), (_ANY_WIDTH, 16 * 196)),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles that PyTorch (and so oneDNN) can use."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
+
+
 def auto_order(op: str, device: torch.device, dtype: Optional[torch.dtype] = None,
-               size: Optional[Tuple[int, int]] = None) -> Tuple[str, ...]:
+               size: Optional[Tuple[int, int]] = None, amx: Optional[bool] = None) -> Tuple[str, ...]:
     """The backends ``auto`` tries for ``op`` on ``device`` with ``dtype`` inputs, first choice first: the
-    reference alone for a call of ``size = (tokens, width)`` below :data:`AUTO_MIN_TOKENS`, else the most
-    specific table that has an entry (op and dtype, then dtype, then op, then the device type)."""
-    if _below_min_tokens(op, device, dtype, size):
+    reference alone for a call of ``size = (tokens, width)`` below :data:`AUTO_MIN_TOKENS` (on an AMX CPU,
+    :data:`AUTO_MIN_TOKENS_AMX` where it has the op), else the most specific table that has an entry (on an AMX
+    CPU, :data:`AUTO_ORDER_AMX`; then op and dtype, then dtype, then op, then the device type). ``amx``
+    overrides the CPU check (:func:`cpu_has_amx`)."""
+    amx = device.type == "cpu" and (cpu_has_amx() if amx is None else amx)
+    if _below_min_tokens(op, device, dtype, size, amx):
         return ("reference",)
+    if amx and (op, dtype) in AUTO_ORDER_AMX:
+        return AUTO_ORDER_AMX[(op, dtype)]
     if dtype is not None:
         if (device.type, op, dtype) in AUTO_ORDER_PER_OP_DTYPE:
             return AUTO_ORDER_PER_OP_DTYPE[(device.type, op, dtype)]

@@ -290,25 +290,64 @@ def test_auto_choice_follows_the_measured_order():
         assert backends.resolve("embed_tokens", "cpu", cpu) is backends.BACKENDS["cpu"].ops["embed_tokens"]
 
 
-def test_auto_by_call_size_follows_the_measured_crossovers():
-    """Below the call sizes in AUTO_MIN_TOKENS (where the C++ kernel measured slower than the reference), auto
-    runs the reference; from there on, the order's first choice. A backend named explicitly ignores sizes."""
+@pytest.mark.parametrize("amx", [False, True])
+def test_auto_by_call_size_follows_the_measured_crossovers(monkeypatch, amx):
+    """Below the call sizes in AUTO_MIN_TOKENS (where the C++ kernel measured slower than the reference; on AMX
+    CPUs AUTO_MIN_TOKENS_AMX where it has the op), auto runs the reference; from there on, the order's first
+    choice. A backend named explicitly ignores sizes."""
     from mcl_kernels import _extension, backends
+    monkeypatch.setattr(backends, "cpu_has_amx", lambda: amx)
     cpu = torch.device("cpu")
     assert backends.AUTO_MIN_TOKENS, "the size rules are measured data: the table must not be empty"
-    for (device_type, op, dtype), rule in backends.AUTO_MIN_TOKENS.items():
-        assert device_type == "cpu" and op in backends.REFERENCE_OPS
+    tables = {(op, dtype): rule for (_, op, dtype), rule in backends.AUTO_MIN_TOKENS.items()}
+    assert all(device_type == "cpu" for device_type, _, _ in backends.AUTO_MIN_TOKENS)
+    if amx:
+        tables.update(backends.AUTO_MIN_TOKENS_AMX)
+    for (op, dtype), rule in tables.items():
+        assert op in backends.REFERENCE_OPS
         widths = [w for w, _ in rule]
         assert widths == sorted(widths), f"{op} {dtype}: widths must ascend"
         first = backends.auto_order(op, cpu, dtype)
         for widest, fewest in rule:
             if fewest > 0:
                 assert backends.auto_order(op, cpu, dtype, (fewest - 1, widest)) == ("reference",), (op, dtype)
-            assert backends.auto_order(op, cpu, dtype, (fewest, widest)) == first, (op, dtype)
+            if fewest < backends._ANY_WIDTH:
+                assert backends.auto_order(op, cpu, dtype, (fewest, widest)) == first, (op, dtype)
             if _extension._C is not None and fewest > 0:
                 small = backends.resolve(op, "auto", cpu, dtype, (fewest - 1, widest))
                 assert small is backends.REFERENCE_OPS[op]
                 assert backends.resolve(op, "cpu", cpu, dtype, (fewest - 1, widest)) is backends.BACKENDS["cpu"].ops[op]
+
+
+def test_auto_on_amx_cpus_follows_the_amx_measurements():
+    """On CPUs with AMX (backends.AUTO_ORDER_AMX, AUTO_MIN_TOKENS_AMX): oneDNN's bf16 GEMMs and convolution beat
+    the C++ kernels' AVX512-BF16 forwards, not the C++ training backward; in fp32 the C++ kernels lost at D = 768.
+    Elsewhere the AMD-measured order holds. The real call follows this CPU's answer."""
+    from mcl_kernels import _extension, backends
+    cpu = torch.device("cpu")
+    bf16, f32 = torch.bfloat16, torch.float32
+    for op in ("embed_tokens", "mcl_embed"):
+        assert backends.auto_order(op, cpu, bf16, amx=True) == ("reference",), op
+        assert backends.auto_order(op, cpu, bf16, amx=False)[0] == "cpu", op
+    # the C++ backward after the reference forward, where its measurements won
+    assert backends.auto_order("mcl_embed_backward", cpu, bf16, (64 * 196, 384), amx=True)[0] == "cpu"
+    assert backends.auto_order("mcl_embed_backward", cpu, bf16, (196, 768), amx=True) == ("reference",)
+    # fp32: the C++ kernels up to D = 384 (the forward from B = 16 there), the reference at D = 768
+    for dtype in (f32, None):
+        assert backends.auto_order("embed_tokens", cpu, dtype, amx=True)[0] == "cpu"
+    assert backends.auto_order("mcl_embed", cpu, f32, (64 * 196, 384), amx=True)[0] == "cpu"
+    assert backends.auto_order("mcl_embed", cpu, f32, (196, 384), amx=True) == ("reference",)
+    assert backends.auto_order("mcl_embed", cpu, f32, (2 * 196, 384), amx=False)[0] == "cpu"
+    assert backends.auto_order("mcl_embed", cpu, f32, (2 * 196, 384), amx=True) == ("reference",)
+    for op in ("mcl_embed", "mcl_embed_backward"):
+        assert backends.auto_order(op, cpu, f32, (64 * 196, 768), amx=True) == ("reference",), op
+        assert backends.auto_order(op, cpu, f32, (64 * 196, 768), amx=False)[0] == "cpu", op
+    if _extension._C is not None:
+        got = backends.resolve("embed_tokens", "auto", cpu, torch.bfloat16)
+        want = "reference" if backends.cpu_has_amx() else "cpu"
+        assert got is (backends.REFERENCE_OPS["embed_tokens"] if want == "reference"
+                       else backends.BACKENDS["cpu"].ops["embed_tokens"])
+        assert backends.resolve("embed_tokens", "cpu", cpu, torch.bfloat16) is backends.BACKENDS["cpu"].ops["embed_tokens"]
 
 
 def test_ops_pass_their_call_size_to_auto(monkeypatch):
