@@ -190,12 +190,18 @@ def test_triton_float32_forward_and_gradients_match_sdpa(N, Dh):
 
 def twice_torch_error(label, ours, theirs, exact):
     """DESIGN / issue 4: a low-precision result's error against the fp32 truth is within twice PyTorch's own
-    (the same computation by PyTorch in that dtype); a slack of 1e-3 of the largest value covers exact ties."""
+    (the same computation by PyTorch in that dtype); a slack of 1e-3 of the largest value covers exact ties. A
+    result that is zero up to fp32 rounding (N = 1: q and k do not move the output, so their gradients are 0) has
+    only rounding noise on both sides to compare: it is held to one ulp of the dtype at the scale of the largest
+    result instead (PyTorch's own noise there differs between CPUs: 2.3e-8 on one, our 9.7e-8 in fp16)."""
+    scale = max(e.abs().max().item() for e in exact)
     for name, o, t, e in zip(("out", "grad q", "grad k", "grad v"), ours, theirs, exact):
         assert o.dtype == t.dtype and o.shape == e.shape
         torch_err = (t.float() - e).abs().max().item()
         our_err = (o.float() - e).abs().max().item()
-        assert our_err <= 2 * torch_err + 1e-3 * e.abs().max().item(), (
+        largest = e.abs().max().item()
+        slack = torch.finfo(o.dtype).eps * scale if largest <= 1e-6 * scale else 1e-3 * largest
+        assert our_err <= 2 * torch_err + slack, (
             f"{label} {name}: error {our_err:.3g} vs torch's own {torch_err:.3g} (max |value| {e.abs().max():.3g})")
 
 
