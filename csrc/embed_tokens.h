@@ -44,6 +44,10 @@ at::Tensor embed_tokens_cpu(const at::Tensor& x, const at::Tensor& weight,
 // float32 or bfloat16 with unit W stride, on a CPU with AVX-512 (and AVX512-BF16 and an even patch for bfloat16).
 bool embed_tokens_cpu_direct(const at::Tensor& x, int64_t patch);
 
+// Whether embed_tokens_cpu runs x through the AMX tile kernels (cpu/amx_patch_gemm.h) instead: bfloat16 with unit
+// W stride, a patch that is a multiple of 16, on a CPU with AMX-BF16 that the OS lets this process use.
+bool embed_tokens_cpu_amx(const at::Tensor& x, int64_t patch);
+
 #ifdef MCL_WITH_CUDA
 at::Tensor embed_tokens_cuda(const at::Tensor& x, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias,

@@ -49,6 +49,9 @@ R [B, grid_h*grid_w, D] or None).)doc");
         R"doc(Whether embed_tokens on the CPU reads x's pixels directly (AVX-512 micro-kernels) rather than through a
 patch matrix and brgemm: float32, or bfloat16 with an even patch, with unit W stride, on a CPU that has AVX-512F
 (and AVX512-BF16 for bfloat16).)doc");
+  m.def("embed_tokens_cpu_amx", &mcl::embed_tokens_cpu_amx, py::arg("x"), py::arg("patch"),
+        "Whether the CPU embed_tokens runs x on the AMX tile kernels (bf16, unit W stride, patch a multiple of 16, "
+        "a CPU with AMX-BF16).");
   m.def("cpu_phases_enable", &mcl::cpu::phases::set_enabled, py::arg("on"),
         R"doc(Switch the per-phase timers of the CPU training kernels (mcl_embed, mcl_compress) on or off (off at import).
 While on, every phase adds its duration, summed over threads, to a counter: see cpu_phases_take and

@@ -145,6 +145,66 @@ def test_direct_kernel_runs_where_the_cpu_has_avx512():
     assert not _C.embed_tokens_cpu_direct(x.double(), 4)
 
 
+def _has_amx():
+    flags = _cpu_flags() or []
+    return platform.machine() in ("x86_64", "AMD64") and "amx_bf16" in flags and "amx_tile" in flags
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or _cpu_flags() is None,
+                    reason="the AMX kernels are x86-64 code; the CPU's flags come from /proc/cpuinfo")
+def test_amx_kernel_runs_where_the_cpu_has_amx():
+    """bf16 images with unit W stride and a patch that is a multiple of 16 run on the AMX tiles exactly where the
+    CPU has AMX-BF16 (Linux lets the process use them); everything else takes the other paths."""
+    x = torch.zeros(2, 3, 64, 64, dtype=torch.bfloat16)
+    assert _C.embed_tokens_cpu_amx(x, 32) == _has_amx()
+    assert _C.embed_tokens_cpu_amx(x, 64) == _has_amx()
+    assert _C.embed_tokens_cpu_amx(x, 16) == _has_amx()  # a patch row is half a tile row
+    assert not _C.embed_tokens_cpu_amx(x, 8)
+    assert not _C.embed_tokens_cpu_amx(x[..., :56], 14)
+    assert not _C.embed_tokens_cpu_amx(x.float(), 32)
+    assert not _C.embed_tokens_cpu_amx(x.contiguous(memory_format=torch.channels_last), 32)
+
+
+# (B, C, H, W, D, P): groups of one patch position across images (B >= the patch row's patches, B = 17, 33: a
+# ragged last group of 1) and of consecutive patches of a patch row (B = 1, 2, 5); one or two column blocks in the
+# last pair (D = 17: 16 + 1; 40: 16 + 16 + 8; 48); patch 64 (two tile rows per patch row); patch 16 and 48 (tile
+# rows of 16 pixels); one channel.
+AMX_SHAPES = [(1, 3, 64, 96, 40, 32), (2, 3, 96, 64, 17, 32), (17, 2, 64, 64, 48, 32), (33, 1, 32, 96, 17, 32),
+              (5, 3, 128, 64, 24, 64), (20, 3, 224, 224, 130, 32), (3, 3, 48, 80, 40, 16), (18, 3, 64, 32, 33, 16),
+              (2, 2, 96, 48, 24, 48)]
+
+
+@pytest.mark.skipif(not _has_amx(), reason="needs a CPU with AMX-BF16 (Intel Xeon 4th gen or later)")
+@pytest.mark.parametrize("rows", ["contiguous", "every other row"])
+@pytest.mark.parametrize("parts", ["", "bias+cls+pos", "cls+pos"])
+@pytest.mark.parametrize("shape", AMX_SHAPES, ids=lambda s: "B{}C{}_{}x{}_D{}P{}".format(*s))
+def test_amx_kernel_within_twice_torch_error_and_bitwise_across_threads(shape, parts, rows):
+    """The AMX path against conv2d + cat + add in float64 (error within twice PyTorch's own bf16 error), and
+    bitwise the same on 1, 2 and 3 threads (a row's sum does not depend on which calls its group lands in).
+    "every other row": a view with twice the row stride (the kernel needs only a unit W stride)."""
+    inputs = make_inputs(shape, parts, dtype=torch.bfloat16)
+    if rows != "contiguous":
+        B, C, H, W = inputs[0].shape
+        tall = rand(B, C, 2 * H, W, dtype=torch.bfloat16)
+        inputs = (tall[:, :, ::2],) + tuple(inputs[1:])
+        assert not inputs[0].is_contiguous()
+    assert _C.embed_tokens_cpu_amx(inputs[0], shape[-1])
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(embed(*inputs))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(o, outs[0]) for o in outs[1:]), "thread counts differ"
+    exact = reference(*to64(*inputs))
+    torch_err = (reference(*inputs).double() - exact).abs().max().item()
+    our_err = (outs[0].double() - exact).abs().max().item()
+    assert outs[0].dtype == torch.bfloat16 and outs[0].shape == exact.shape
+    assert our_err <= 2 * torch_err + 1e-3, f"error {our_err:.3g} vs torch's own {torch_err:.3g}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_unit_w_stride_views_with_other_strides(dtype):
     """The direct kernel needs only a unit W stride: a view with every other row, a channel slice and a column

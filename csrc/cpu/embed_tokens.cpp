@@ -1,5 +1,7 @@
 // embed_tokens on the CPU: tiles of patch rows, the same number per thread (at::parallel_for), each output row
-// starting from bias + pos[t0 + n], so the epilogue costs no extra pass. Two ways through a tile:
+// starting from bias + pos[t0 + n], so the epilogue costs no extra pass. bf16 images with unit W stride and a patch
+// that is a multiple of 16, on CPUs with AMX, go through amx_patch_gemm.h's tile kernels (embed_tokens_cpu_amx);
+// otherwise two ways through a tile:
 //   direct (fp32 and bf16 images with unit W stride, AVX-512 CPUs; embed_tokens_cpu_direct): patch_gemm.h's
 //     micro-kernels read the pixels straight from the image, no patch matrix at all;
 //   tiles (any dtype and strides, any CPU): the patches copied into a cache-sized patch matrix (implicit im2col:
@@ -21,6 +23,7 @@
 #include <ATen/Parallel.h>
 
 #include "../embed_tokens.h"
+#include "amx_patch_gemm.h"
 #include "patch_gemm.h"
 #include "tile_gemm.h"
 
@@ -119,6 +122,55 @@ void embed_direct(const at::Tensor& x, const at::Tensor& w2d, const Plan<float>&
   });
 }
 
+// Groups of patches per amx::run call: 8 x 16 patches' pixels (768 KiB at patch 32) stay in L2 beside a pair of
+// the weight's 16-column blocks (192 KiB) while the call walks the column blocks.
+constexpr int64_t kAmxGroupsPerCall = 8;
+
+// bf16 images with unit W stride and P a multiple of 16 on AMX CPUs (amx_patch_gemm.h). A group is one patch
+// position in up to 16 images when there are enough images to fill most of a tile (as many as a patch row has
+// patches), else up to 16 consecutive patches of one patch row.
+void embed_amx(const at::Tensor& x, const at::Tensor& w2d, const Plan<float>& plan, const EmbedShape& s,
+               at::Tensor& out) {
+  namespace amx = cpu::amx;
+  using bf16 = c10::BFloat16;
+  const int64_t D = s.D, P = s.P, K = s.C * P * P, N = s.N, T = s.T;
+  at::Tensor wp = at::empty({amx::packed_size(D, K)}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  amx::pack(static_cast<const bf16*>(w2d.data_ptr()), D, K, static_cast<bf16*>(wp.data_ptr()));
+  const auto* xp = static_cast<const bf16*>(x.const_data_ptr());
+  const int64_t sB = x.stride(0), sC = x.stride(1), sH = x.stride(2);
+  bf16* op = static_cast<bf16*>(out.data_ptr());
+  const float* add = plan.add.data();
+  std::vector<amx::Group> groups;
+  if (s.B >= std::min(amx::kRows, s.Wp)) {
+    for (int64_t n = 0; n < N; ++n) {
+      const bf16* px = xp + (n / s.Wp) * P * sH + (n % s.Wp) * P;
+      for (int64_t b0 = 0; b0 < s.B; b0 += amx::kRows) {
+        groups.push_back({px + b0 * sB, sB, std::min(amx::kRows, s.B - b0), add + n * D, 0,
+                          op + (b0 * T + s.t0 + n) * D, T * D});
+      }
+    }
+  } else {
+    for (int64_t b = 0; b < s.B; ++b) {
+      for (int64_t i = 0; i < s.Hp; ++i) {
+        for (int64_t j0 = 0; j0 < s.Wp; j0 += amx::kRows) {
+          const int64_t n = i * s.Wp + j0;
+          groups.push_back({xp + b * sB + i * P * sH + j0 * P, P, std::min(amx::kRows, s.Wp - j0), add + n * D, D,
+                            op + (b * T + s.t0 + n) * D, D});
+        }
+      }
+    }
+  }
+  const auto G = static_cast<int64_t>(groups.size());
+  const int64_t calls = std::max(std::min<int64_t>(G, 2 * at::get_num_threads()),
+                                 (G + kAmxGroupsPerCall - 1) / kAmxGroupsPerCall);
+  at::parallel_for(0, calls, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t g0 = c * G / calls, g1 = (c + 1) * G / calls;
+      amx::run(groups.data() + g0, g1 - g0, sC, sH, P, s.C, static_cast<const bf16*>(wp.data_ptr()), D);
+    }
+  });
+}
+
 // Any dtype and strides: per tile, the patches copied into a patch matrix, times the packed weight by brgemm.
 template <typename scalar_t>
 void embed_tiles(const at::Tensor& x, const at::Tensor& w2d, const Plan<acc_type<scalar_t>>& plan,
@@ -197,6 +249,9 @@ void embed_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optiona
                const std::optional<at::Tensor>& pos_embed, const EmbedShape& s, at::Tensor& out) {
   const at::Tensor w2d = weight.reshape({s.D, s.C * s.P * s.P}).contiguous();
   Plan<acc_type<scalar_t>> plan(bias, pos_embed, s);
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (embed_tokens_cpu_amx(x, s.P)) return embed_amx(x, w2d, plan, s, out);
+  }
   if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
     if (embed_tokens_cpu_direct(x, s.P)) {
       plan.whole_patch_rows(s);
@@ -211,6 +266,8 @@ void embed_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optiona
 bool embed_tokens_cpu_direct(const at::Tensor& x, int64_t patch) {
   return cpu::patch_gemm::reads(x, patch);
 }
+
+bool embed_tokens_cpu_amx(const at::Tensor& x, int64_t patch) { return cpu::amx::reads(x, patch); }
 
 at::Tensor embed_tokens_cpu(const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias,

@@ -4,7 +4,6 @@
 #include <algorithm>
 #include <cstring>
 
-#include <ATen/Parallel.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
@@ -26,16 +25,7 @@ namespace {
 template <typename T>
 void pack_all(const T* w, int64_t D, int64_t K, T* dst) {
   // As 32-bit words: fp32 elements, or bf16 pairs (k, k + 1) -- the VNNI layout is the 32-bit transpose.
-  constexpr int64_t kStep = sizeof(float) / sizeof(T);
-  const int64_t K32 = K / kStep;
-  at::parallel_for(0, panels(D), 1, [&](int64_t q0, int64_t q1) {
-    for (int64_t q = q0; q < q1; ++q) {
-      T* panel = dst + q * K * kPanel;
-      const int64_t d0 = q * kPanel, cols = std::min(kPanel, D - d0);
-      if (cols < kPanel) std::memset(panel, 0, sizeof(T) * K * kPanel);
-      simd::transpose32(w + d0 * K, K32, cols, K32, panel, kPanel);  // word (k32, j) = word k32 of row d0 + j
-    }
-  });
+  simd::pack_panels32(w, D, K * static_cast<int64_t>(sizeof(T)) / 4, kPanel, dst);
 }
 
 }  // namespace

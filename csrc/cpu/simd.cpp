@@ -5,6 +5,8 @@
 #include <cmath>
 #include <cstring>
 
+#include <ATen/Parallel.h>
+
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
 #define MCL_SIMD_X86 1
 #include <immintrin.h>
@@ -219,6 +221,19 @@ void transpose32(const void* src, int64_t lds, int64_t M, int64_t N, void* dst, 
   }
 #endif
   transpose32_scalar(static_cast<const uint32_t*>(src), lds, M, N, static_cast<uint32_t*>(dst), ldd);
+}
+
+void pack_panels32(const void* w, int64_t D, int64_t K32, int64_t width, void* dst) {
+  const auto* src = static_cast<const uint32_t*>(w);
+  auto* out = static_cast<uint32_t*>(dst);
+  at::parallel_for(0, (D + width - 1) / width, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      uint32_t* panel = out + q * K32 * width;
+      const int64_t d0 = q * width, cols = std::min(width, D - d0);
+      if (cols < width) std::memset(panel, 0, sizeof(uint32_t) * K32 * width);
+      transpose32(src + d0 * K32, K32, cols, K32, panel, width);  // word (k32, j) = word k32 of row d0 + j
+    }
+  });
 }
 
 void transpose_to_bf16(const float* src, int64_t lds, int64_t M, int64_t N, c10::BFloat16* dst, int64_t ldd) {
