@@ -316,7 +316,10 @@ def _below_min_tokens(op: str, device: torch.device, dtype: Optional[torch.dtype
 # FMA rate there. Measured on a 2-core Intel Xeon VM with AMX-BF16 (benchmarks/results/kernels-cpu-2core-intel-
 # amx-grid.json, one run of the full grid, and -1.json, -2.json at D = 384, B = 64; 224x224, patch 16 x 2), time
 # of the reference / time of the C++ kernel (backward = fwd+bwd - fwd):
-#   bf16: embed_tokens 0.30-0.46 (B >= 16); mcl_embed forward 0.47-0.56 (B >= 16); mcl_embed backward 1.29-2.37
+#   bf16: embed_tokens 0.30-0.46 (B >= 16) with its AVX512-BF16 kernel, 1.57-2.39 with its AMX tile kernel (bf16,
+#     unit W stride, patch a multiple of 16: cpu/amx_patch_gemm.h; B = 1..64, patch 32; patch 16, B = 64: 3.8x
+#     timm), so auto runs it where those tiles do (`amx_tiles`), else the reference; mcl_embed forward 0.47-0.56
+#     (B >= 16); mcl_embed backward 1.29-2.37
 #     except D = 768, B = 1 (0.89). So the reference forward with the C++ backward (the backward reads only the
 #     forward's outputs, whichever backend made them): fwd+bwd 1.19-1.80x the eager reference at B >= 16,
 #     against 0.94-1.23x all-C++.
@@ -343,17 +346,26 @@ def cpu_has_amx() -> bool:
         return False
 
 
+def on_amx_tiles(op: str, x: Tensor, patch: int) -> bool:
+    """Whether the C++ kernel of ``op`` runs ``x`` on the AMX tiles, where :data:`AUTO_ORDER_AMX` does not apply
+    (today: ``embed_tokens`` on bf16 images with unit W stride and a patch that is a multiple of 16)."""
+    C = _extension._C
+    return op == "embed_tokens" and x.device.type == "cpu" and C is not None and C.embed_tokens_cpu_amx(x, patch)
+
+
 def auto_order(op: str, device: torch.device, dtype: Optional[torch.dtype] = None,
-               size: Optional[Tuple[int, int]] = None, amx: Optional[bool] = None) -> Tuple[str, ...]:
+               size: Optional[Tuple[int, int]] = None, amx: Optional[bool] = None,
+               amx_tiles: bool = False) -> Tuple[str, ...]:
     """The backends ``auto`` tries for ``op`` on ``device`` with ``dtype`` inputs, first choice first: the
     reference alone for a call of ``size = (tokens, width)`` below :data:`AUTO_MIN_TOKENS` (on an AMX CPU,
     :data:`AUTO_MIN_TOKENS_AMX` where it has the op), else the most specific table that has an entry (on an AMX
-    CPU, :data:`AUTO_ORDER_AMX`; then op and dtype, then dtype, then op, then the device type). ``amx``
-    overrides the CPU check (:func:`cpu_has_amx`)."""
+    CPU, :data:`AUTO_ORDER_AMX` unless the call runs on the AMX tiles (``amx_tiles``, :func:`on_amx_tiles`);
+    then op and dtype, then dtype, then op, then the device type). ``amx`` overrides the CPU check
+    (:func:`cpu_has_amx`)."""
     amx = device.type == "cpu" and (cpu_has_amx() if amx is None else amx)
     if _below_min_tokens(op, device, dtype, size, amx):
         return ("reference",)
-    if amx and (op, dtype) in AUTO_ORDER_AMX:
+    if amx and not amx_tiles and (op, dtype) in AUTO_ORDER_AMX:
         return AUTO_ORDER_AMX[(op, dtype)]
     if dtype is not None:
         if (device.type, op, dtype) in AUTO_ORDER_PER_OP_DTYPE:
@@ -364,12 +376,12 @@ def auto_order(op: str, device: torch.device, dtype: Optional[torch.dtype] = Non
 
 
 def resolve(op: str, name: str, device: torch.device, dtype: Optional[torch.dtype] = None,
-            size: Optional[Tuple[int, int]] = None) -> Callable:
+            size: Optional[Tuple[int, int]] = None, amx_tiles: bool = False) -> Callable:
     """The implementation of ``op`` that backend ``name`` runs on ``device`` for ``dtype`` inputs (and, for
     ``auto``, a call of ``size = (tokens, width)`` where the op has a size rule), or a clear error."""
     name = requested(name)
     if name == "auto":
-        order = auto_order(op, device, dtype, size)
+        order = auto_order(op, device, dtype, size, amx_tiles=amx_tiles)
         for candidate in order:
             backend = BACKENDS[candidate]
             if op in backend.ops and backend.unavailable(device) is None:

@@ -173,7 +173,8 @@ def embed_tokens(x: Tensor, weight: Tensor, bias: Optional[Tensor], cls_token: O
     """Patch embedding with class token and position embedding written into one ``[B, T, D]`` buffer."""
     _checks.check_embed_tokens(x, weight, bias, cls_token, pos_embed)
     inputs = (x, weight, bias, cls_token, pos_embed)
-    return _own(backends.resolve("embed_tokens", backend, x.device, x.dtype)(*inputs), x, inputs)
+    tiles = backends.on_amx_tiles("embed_tokens", x, weight.shape[-1])
+    return _own(backends.resolve("embed_tokens", backend, x.device, x.dtype, amx_tiles=tiles)(*inputs), x, inputs)
 
 
 @embed_tokens.register_fake

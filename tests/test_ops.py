@@ -329,6 +329,13 @@ def test_auto_on_amx_cpus_follows_the_amx_measurements():
     for op in ("embed_tokens", "mcl_embed"):
         assert backends.auto_order(op, cpu, bf16, amx=True) == ("reference",), op
         assert backends.auto_order(op, cpu, bf16, amx=False)[0] == "cpu", op
+    # ... except where the C++ embed_tokens runs on the AMX tiles itself (bf16, unit W stride, patch % 16 == 0)
+    assert backends.auto_order("embed_tokens", cpu, bf16, amx=True, amx_tiles=True)[0] == "cpu"
+    x = torch.zeros(2, 3, 64, 64, dtype=bf16)
+    for patch, layout in ((32, x), (16, x), (8, x), (32, x.contiguous(memory_format=torch.channels_last))):
+        want = _extension._C is not None and _extension._C.embed_tokens_cpu_amx(layout, patch)
+        assert backends.on_amx_tiles("embed_tokens", layout, patch) == want, (patch, layout.stride())
+    assert not backends.on_amx_tiles("mcl_embed", x, 32)
     # the C++ backward after the reference forward, where its measurements won
     assert backends.auto_order("mcl_embed_backward", cpu, bf16, (64 * 196, 384), amx=True)[0] == "cpu"
     assert backends.auto_order("mcl_embed_backward", cpu, bf16, (196, 768), amx=True) == ("reference",)
@@ -356,9 +363,9 @@ def test_ops_pass_their_call_size_to_auto(monkeypatch):
     seen = []
     real = backends.resolve
 
-    def spy(op, name, device, dtype=None, size=None):
+    def spy(op, name, device, dtype=None, size=None, **kw):
         seen.append((op, size))
-        return real(op, name, device, dtype, size)
+        return real(op, name, device, dtype, size, **kw)
 
     monkeypatch.setattr(backends, "resolve", spy)
     x = torch.randn(3, 3, 40, 24)
