@@ -314,15 +314,18 @@ def _below_min_tokens(op: str, device: torch.device, dtype: Optional[torch.dtype
 # them (per op and dtype; a missing entry falls through to the tables above). oneDNN runs the reference's bf16
 # GEMMs and convolutions on the AMX tiles, while the C++ kernels' AVX512-BF16 dot products run at about the fp32
 # FMA rate there. Measured on a 2-core Intel Xeon VM with AMX-BF16 (benchmarks/results/kernels-cpu-2core-intel-
-# amx-grid.json, one run of the full grid, and -1.json, -2.json at D = 384, B = 64; 224x224, patch 16 x 2), time
-# of the reference / time of the C++ kernel (backward = fwd+bwd - fwd):
+# amx-grid.json, one run of the full grid, and -1.json, -2.json at D = 384, B = 64; the bf16 grid again with the
+# AMX tile kernels: -bf16-tiles.json; 224x224, patch 16 x 2), time of the reference / time of the C++ kernel
+# (backward = fwd+bwd - fwd):
 #   bf16: embed_tokens 0.30-0.46 (B >= 16) with its AVX512-BF16 kernel, 1.57-2.39 with its AMX tile kernel (bf16,
 #     unit W stride, patch a multiple of 16: cpu/amx_patch_gemm.h; B = 1..64, patch 32; patch 16, B = 64: 3.8x
-#     timm), so auto runs it where those tiles do (`amx_tiles`), else the reference; mcl_embed forward 0.47-0.56
-#     (B >= 16); mcl_embed backward 1.29-2.37
-#     except D = 768, B = 1 (0.89). So the reference forward with the C++ backward (the backward reads only the
-#     forward's outputs, whichever backend made them): fwd+bwd 1.19-1.80x the eager reference at B >= 16,
-#     against 0.94-1.23x all-C++.
+#     timm), so auto runs it where those tiles do (`amx_tiles`), else the reference. mcl_embed forward 0.47-0.56
+#     (B >= 16) with its AVX512-BF16 small-token GEMM, 1.00-1.51 with that GEMM on the AMX tiles (the inputs
+#     embed_tokens takes there), except D = 768, B = 1 (0.57); backward 0.99-2.17 (all nine D x B, with the tiles;
+#     before them 1.29-2.37, except D = 768, B = 1: 0.89). fwd+bwd with the tiles 1.26-1.93x the eager reference
+#     (0.88x at D = 768, B = 1), 1.46-2.48x its torch.compile. Without the tiles, the reference forward with the
+#     C++ backward (the backward reads only the forward's outputs, whichever backend made them): fwd+bwd
+#     1.19-1.80x the eager reference at B >= 16, against 0.94-1.23x all-C++.
 #   fp32: mcl_embed forward D = 192 0.98-1.21, D = 384 B = 1 0.64, B >= 16 1.03-1.11, D = 768 0.48-0.77; backward
 #     D <= 384 0.99-1.23, D = 768 0.74-0.81. embed_tokens fp32 1.07-1.26 at every size: it stays on the C++ kernel.
 AUTO_ORDER_AMX: Dict[Tuple[str, torch.dtype], Tuple[str, ...]] = {
@@ -331,6 +334,7 @@ AUTO_ORDER_AMX: Dict[Tuple[str, torch.dtype], Tuple[str, ...]] = {
 }
 AUTO_MIN_TOKENS_AMX: Dict[Tuple[str, torch.dtype], Tuple[Tuple[int, int], ...]] = {
     ("mcl_embed", torch.float32): ((192, 0), (384, 16 * 196), (_ANY_WIDTH, _ANY_WIDTH)),
+    ("mcl_embed", torch.bfloat16): ((384, 0), (_ANY_WIDTH, 16 * 196)),
     ("mcl_embed_backward", torch.float32): ((384, 0), (_ANY_WIDTH, _ANY_WIDTH)),
     ("mcl_embed_backward", torch.bfloat16): ((384, 0), (_ANY_WIDTH, 16 * 196)),
 }
@@ -347,10 +351,12 @@ def cpu_has_amx() -> bool:
 
 
 def on_amx_tiles(op: str, x: Tensor, patch: int) -> bool:
-    """Whether the C++ kernel of ``op`` runs ``x`` on the AMX tiles, where :data:`AUTO_ORDER_AMX` does not apply
-    (today: ``embed_tokens`` on bf16 images with unit W stride and a patch that is a multiple of 16)."""
+    """Whether the C++ kernel of ``op`` runs ``x`` on the AMX tiles, where :data:`AUTO_ORDER_AMX` does not apply:
+    ``embed_tokens``, and ``mcl_embed``'s small-token GEMM, on bf16 images with unit W stride and a patch that is a
+    multiple of 16 (both read the pixels through cpu/amx_patch_gemm.h, so one query answers for both)."""
     C = _extension._C
-    return op == "embed_tokens" and x.device.type == "cpu" and C is not None and C.embed_tokens_cpu_amx(x, patch)
+    return (op in ("embed_tokens", "mcl_embed") and x.device.type == "cpu" and C is not None
+            and C.embed_tokens_cpu_amx(x, patch))
 
 
 def auto_order(op: str, device: torch.device, dtype: Optional[torch.dtype] = None,

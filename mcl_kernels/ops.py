@@ -60,7 +60,8 @@ def mcl_embed(x: Tensor, proj_w: Tensor, proj_b: Optional[Tensor], comp_w: Tenso
     """Small tokens ``S``, large tokens ``L`` and reconstructed small tokens ``R`` (empty without decompression)."""
     _checks.check_mcl_embed(x, proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b, k)
     inputs = (x, proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b)
-    s, l, r = backends.resolve("mcl_embed", backend, x.device, x.dtype, _size(x, proj_w))(*inputs, k)
+    tiles = backends.on_amx_tiles("mcl_embed", x, proj_w.shape[-1])
+    s, l, r = backends.resolve("mcl_embed", backend, x.device, x.dtype, _size(x, proj_w), amx_tiles=tiles)(*inputs, k)
     return _own(s, x, inputs), _own(l, x, inputs), _own(r, x, inputs)
 
 

@@ -335,7 +335,13 @@ def test_auto_on_amx_cpus_follows_the_amx_measurements():
     for patch, layout in ((32, x), (16, x), (8, x), (32, x.contiguous(memory_format=torch.channels_last))):
         want = _extension._C is not None and _extension._C.embed_tokens_cpu_amx(layout, patch)
         assert backends.on_amx_tiles("embed_tokens", layout, patch) == want, (patch, layout.stride())
-    assert not backends.on_amx_tiles("mcl_embed", x, 32)
+    assert backends.on_amx_tiles("mcl_embed", x, 32) == backends.on_amx_tiles("embed_tokens", x, 32)
+    assert not backends.on_amx_tiles("mcl_compress", x, 32)
+    # the training forward with its small-token GEMM on the tiles: the C++ kernel, but the reference for one image
+    # at D = 768
+    assert backends.auto_order("mcl_embed", cpu, bf16, (64 * 196, 768), amx=True, amx_tiles=True)[0] == "cpu"
+    assert backends.auto_order("mcl_embed", cpu, bf16, (196, 768), amx=True, amx_tiles=True) == ("reference",)
+    assert backends.auto_order("mcl_embed", cpu, bf16, (196, 384), amx=True, amx_tiles=True)[0] == "cpu"
     # the C++ backward after the reference forward, where its measurements won
     assert backends.auto_order("mcl_embed_backward", cpu, bf16, (64 * 196, 384), amx=True)[0] == "cpu"
     assert backends.auto_order("mcl_embed_backward", cpu, bf16, (196, 768), amx=True) == ("reference",)

@@ -50,6 +50,7 @@
 #include <ATen/Parallel.h>
 
 #include "../mcl_embed.h"
+#include "amx_patch_gemm.h"
 #include "patch_gemm.h"
 #include "phases.h"
 #include "tile_gemm.h"
@@ -67,6 +68,7 @@ using cpu::round_up;
 using Phase = cpu::phases::Phase;
 using PhaseScope = cpu::phases::Scope;
 namespace patch_gemm = cpu::patch_gemm;
+namespace amx = cpu::amx;
 
 // Large tokens per tile (times k*k small tokens; whole large rows, so 98 = 2 images and 63 = 9 rows of 7 at
 // 224x224 / 32). Tiles of 49 to 196 large tokens ran within noise of each other on a 2-core AVX-512 machine
@@ -722,17 +724,40 @@ std::tuple<at::Tensor, at::Tensor, OptTensor> embed_forward(const at::Tensor& x,
 
   if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
     if (patch_gemm::reads(x, s.p)) {
-      // S straight from the pixels into the output (patch_gemm.h: no im2col tile), then G gathered from it.
+      // S straight from the pixels into the output (patch_gemm.h, or in bf16 on AMX CPUs amx_patch_gemm.h: no
+      // im2col tile), then G gathered from it.
+      constexpr bool kBf16 = std::is_same_v<scalar_t, c10::BFloat16>;
+      const bool on_tiles = kBf16 && amx::reads(x, s.p);
       const int64_t Q = patch_gemm::panels(D), panel = K * patch_gemm::kPanel;
-      at::Tensor es_p = at::empty({Q * panel}, opts);
-      patch_gemm::pack(ptr<const scalar_t>(proj_w.reshape({D, K}).contiguous()), D, K, ptr<scalar_t>(es_p));
+      at::Tensor es_p = at::empty({on_tiles ? amx::packed_size(D, K) : Q * panel}, opts);
+      const at::Tensor ew = proj_w.reshape({D, K}).contiguous();
+      if constexpr (kBf16) {
+        if (on_tiles) amx::pack(ptr<const scalar_t>(ew), D, K, ptr<scalar_t>(es_p));
+      }
+      if (!on_tiles) patch_gemm::pack(ptr<const scalar_t>(ew), D, K, ptr<scalar_t>(es_p));
       const std::vector<float> start = bs.empty() ? std::vector<float>(D, 0.0f) : bs;  // every row: the bias
       const auto sbuf = kAlias ? per_slot<A>(tl.nslots, tsmax * D, false) : std::vector<at::Tensor>{};
       const int64_t sC = x.stride(1), sH = x.stride(2);
       run_tiles(tl, g, gemm, [&](int64_t slot, int64_t r0, int64_t r1) {
         {
           const PhaseScope ps(Phase::kForwardSmall);
-          for (int64_t q = 0; q < Q; ++q) {
+          if constexpr (kBf16) {
+            if (on_tiles) {  // groups of up to 16 consecutive patches of a small-patch row
+              std::vector<amx::Group> groups;
+              for (int64_t rr = r0; rr < r1; ++rr) {
+                for (int64_t u = 0; u < k; ++u) {
+                  const scalar_t* row = large_row_origin(xp, x.strides(), s, rr) + u * s.p * sH;
+                  scalar_t* srow = Sout + g.small(rr, 0, u) * D;
+                  for (int64_t j = 0; j < g.Ws; j += amx::kRows) {
+                    groups.push_back({row + j * s.p, s.p, std::min(amx::kRows, g.Ws - j), start.data(), 0,
+                                      srow + j * D, D});
+                  }
+                }
+              }
+              amx::run(groups.data(), static_cast<int64_t>(groups.size()), sC, sH, s.p, s.C, ptr<scalar_t>(es_p), D);
+            }
+          }
+          for (int64_t q = 0; q < (on_tiles ? 0 : Q); ++q) {
             const int64_t d0 = q * patch_gemm::kPanel, cols = std::min(patch_gemm::kPanel, D - d0);
             const scalar_t* wq = ptr<scalar_t>(es_p) + q * panel;
             for (int64_t rr = r0; rr < r1; ++rr) {
