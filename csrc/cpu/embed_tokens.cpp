@@ -191,7 +191,7 @@ void embed_tiles(const at::Tensor& x, const at::Tensor& w2d, const Plan<acc_type
   // B = weight^T [K, D] in the GEMM's layout.
   at::Tensor wb = at::empty({Kp * D}, op_opts);
   cpu::pack_b_transposed(gemm, static_cast<const scalar_t*>(w2d.data_ptr()), K, K, Kp, D,
-                         static_cast<O*>(wb.data_ptr()));
+                         static_cast<O*>(wb.data_ptr()), D);
   const auto* xp = static_cast<const scalar_t*>(x.const_data_ptr());
   const int64_t sB = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
   scalar_t* op = static_cast<scalar_t*>(out.data_ptr());

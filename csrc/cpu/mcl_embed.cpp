@@ -244,12 +244,13 @@ const O* weight_rows_b(const Gemm<O>& gemm, const at::Tensor& w2d, int64_t Kp, a
   return ptr<O>(hold);
 }
 
-// B = w^T for w [N, K] (contiguous) in B layout.
+// B = w^T for w [N, K] (contiguous) in B layout, row stride ldb (N unless given).
 template <typename O, typename scalar_t>
-at::Tensor weight_transposed_b(const Gemm<O>& gemm, const at::Tensor& w2d, int64_t Kp) {
+at::Tensor weight_transposed_b(const Gemm<O>& gemm, const at::Tensor& w2d, int64_t Kp, int64_t ldb = 0) {
   const int64_t N = w2d.size(0), K = w2d.size(1);
-  at::Tensor out = buffer<O>(Kp * N, false);
-  cpu::pack_b_transposed(gemm, ptr<scalar_t>(w2d), K, K, Kp, N, ptr<O>(out));
+  ldb = std::max(ldb, N);
+  at::Tensor out = buffer<O>(Kp * ldb, false);
+  cpu::pack_b_transposed(gemm, ptr<scalar_t>(w2d), K, K, Kp, N, ptr<O>(out), ldb);
   return out;
 }
 
@@ -265,7 +266,7 @@ struct LevelForward {
 
   const Gemm<O>& gemm;
   const Grid& g;
-  int64_t KD, KDp, Dp;
+  int64_t KD, KDp, Dp, ldr;  // ldr: the row stride of decomp_w^T and of R's GEMM tile (KD, or padded_ld)
   bool decompress;
   at::Tensor wc_b, wd_b;  // B = comp_w^T [KDp, D], decomp_w^T [Dp, KD]
   std::vector<A> bc, bd;
@@ -278,7 +279,7 @@ struct LevelForward {
                int64_t slots, int64_t tmax)
       : gemm(gemm_), g(g_) {
     const int64_t D = g.D, ka = gemm.k_align();
-    KD = g.k * g.k * D, KDp = round_up(KD, ka), Dp = round_up(D, ka);
+    KD = g.k * g.k * D, KDp = round_up(KD, ka), Dp = round_up(D, ka), ldr = cpu::padded_ld(KD, sizeof(A));
     decompress = decomp_w.has_value();
     wc_b = weight_transposed_b<O, scalar_t>(gemm, comp_w.contiguous(), KDp);
     bc = bias_vector<A>(comp_b);
@@ -286,10 +287,10 @@ struct LevelForward {
     R = decompress ? ptr<scalar_t>(*R_) : nullptr;
     if (!kDirect) lbuf = per_slot<A>(slots, tmax * D, false);
     if (decompress) {
-      wd_b = weight_transposed_b<O, scalar_t>(gemm, decomp_w->contiguous(), Dp);
+      wd_b = weight_transposed_b<O, scalar_t>(gemm, decomp_w->contiguous(), Dp, ldr);
       bd = bias_vector<A>(decomp_b);
       if (!kAlias) lop = per_slot<O>(slots, tmax * Dp, true);  // zero: the padding column stays 0
-      rbuf = per_slot<A>(slots, tmax * KD, false);
+      rbuf = per_slot<A>(slots, tmax * ldr, false);
     }
   }
 
@@ -323,11 +324,11 @@ struct LevelForward {
     A* r = ptr<A>(rbuf[slot]);
     {
       const PhaseScope ps(Phase::kForwardRecon);
-      gemm.run(T, KD, Dp, la, ldl, ptr<O>(wd_b), KD, r, KD, false);
+      gemm.run(T, KD, Dp, la, ldl, ptr<O>(wd_b), ldr, r, ldr, false);
     }
     const PhaseScope ps(Phase::kForwardUngroup);
     for_each_group_row(g, r0, r1, [&](int64_t t, int64_t u, int64_t flat) {
-      A* src = r + t * KD + u * kD;
+      A* src = r + t * ldr + u * kD;
       if (!bd.empty()) {
         const A* b = bd.data() + u * kD;
         for (int64_t e = 0; e < kD; ++e) src[e] += b[e];

@@ -184,15 +184,22 @@ void pack_rows(const Gemm<O>& gemm, const O* src, int64_t lds, int64_t K, int64_
   }
 }
 
+// A row stride for n elements of `bytes` each that is not a multiple of 4 KiB: rows that many bytes apart fall
+// into the same L1 sets, and the GEMM's micro-kernel walks several such rows at once. brgemm, one thread, M = 98,
+// N = 3072 (fp32 rows of 12 KiB), K = 768: 63 GFLOP/s at ldb = ldc = 3072, 123 at 3088; N = 1536 (6 KiB): 168
+// either way (benchmarks/results/gemm-ld-cpu-2core-intel.txt).
+inline int64_t padded_ld(int64_t n, int64_t bytes) { return (n * bytes) % 4096 == 0 ? n + 64 / bytes : n; }
+
 // B = W^T for a weight W [N, K] (row stride ldw) in B layout, built in parallel: the forward multiplies by
 // transposed weights. In VNNI layout, the pairs (W[n][kk], W[n][kk + 1]) are 32-bit words of W's rows, so
-// W^T packed is the 32-bit transpose of W.
+// W^T packed is the 32-bit transpose of W. ldb >= N: B's row stride (see padded_ld).
 template <typename O, typename S>
-void pack_b_transposed(const Gemm<O>& gemm, const S* w, int64_t ldw, int64_t K, int64_t Kp, int64_t N, O* dst) {
+void pack_b_transposed(const Gemm<O>& gemm, const S* w, int64_t ldw, int64_t K, int64_t Kp, int64_t N, O* dst,
+                       int64_t ldb) {
   if constexpr (std::is_same_v<O, S> && sizeof(O) == 4) {
     if (!gemm.vnni()) {
       at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-        simd::transpose32(w + begin * ldw, ldw, end - begin, K, dst + begin, N);
+        simd::transpose32(w + begin * ldw, ldw, end - begin, K, dst + begin, ldb);
       });
       return;
     }
@@ -202,14 +209,14 @@ void pack_b_transposed(const Gemm<O>& gemm, const S* w, int64_t ldw, int64_t K, 
       const auto* w32 = reinterpret_cast<const uint32_t*>(w);
       auto* d32 = reinterpret_cast<uint32_t*>(dst);
       at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-        simd::transpose32(w32 + begin * (ldw / 2), ldw / 2, end - begin, K / 2, d32 + begin, N);
+        simd::transpose32(w32 + begin * (ldw / 2), ldw / 2, end - begin, K / 2, d32 + begin, ldb);
       });
       return;
     }
   }
   at::parallel_for(0, Kp, 16, [&](int64_t begin, int64_t end) {
     for (int64_t kk = begin; kk < end; ++kk) {
-      for (int64_t n = 0; n < N; ++n) dst[gemm.b_index(kk, n, N)] = kk < K ? cvt<O>(w[n * ldw + kk]) : O(0);
+      for (int64_t n = 0; n < N; ++n) dst[gemm.b_index(kk, n, ldb)] = kk < K ? cvt<O>(w[n * ldw + kk]) : O(0);
     }
   });
 }
