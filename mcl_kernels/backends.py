@@ -327,7 +327,9 @@ def _below_min_tokens(op: str, device: torch.device, dtype: Optional[torch.dtype
 #     C++ backward (the backward reads only the forward's outputs, whichever backend made them): fwd+bwd
 #     1.19-1.80x the eager reference at B >= 16, against 0.94-1.23x all-C++.
 #   fp32: mcl_embed forward D = 192 0.98-1.21, D = 384 B = 1 0.64, B >= 16 1.03-1.11, D = 768 0.48-0.77; backward
-#     D <= 384 0.99-1.23, D = 768 0.74-0.81. embed_tokens fp32 1.07-1.26 at every size: it stays on the C++ kernel.
+#     D <= 384 0.99-1.23, D = 768 0.74-0.81; at D = 768 fwd+bwd 0.64-0.85 even with the GEMMs' B rows padded off
+#     4 KiB strides (kernels-cpu-2core-intel-d768-padded.json). embed_tokens fp32 1.07-1.26 at every size: it stays
+#     on the C++ kernel.
 AUTO_ORDER_AMX: Dict[Tuple[str, torch.dtype], Tuple[str, ...]] = {
     ("embed_tokens", torch.bfloat16): ("reference",),
     ("mcl_embed", torch.bfloat16): ("reference",),

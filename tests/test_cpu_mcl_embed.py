@@ -36,6 +36,7 @@ SHAPES = [
     (1, 3, 16, 40, 4, 2, 72),   # rows of 10 small patches (5 + 5 per direct-kernel call); D = 64 + 8: two panels
     (2, 3, 32, 64, 16, 2, 72),  # patch 16 (fp32, unit W stride: dE read from the pixels), K = 768: 12 panels
     (1, 2, 64, 64, 32, 2, 20),  # patch 32: a panel is 2 image rows of 2 runs of 16 pixels
+    (1, 3, 64, 64, 32, 2, 256),  # k*k*D = 1024 and K = 3072: padded B row strides (tile_gemm.h, padded_ld)
 ]
 MANY_TILES = (12, 1, 64, 16, 2, 2, 8)  # 192 large rows of 4 tokens: several tiles per thread, forward and backward
 VARIANTS = ["untied", "tied", "nodecomp", "nobias"]
@@ -207,7 +208,7 @@ def within_twice_torch_error(label, got, theirs, exact):
 
 @pytest.mark.parametrize("variant", ["untied", "tied", "nodecomp"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], (2, 3, 28, 42, 7, 2, 24)], ids=shape_id)
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], (2, 3, 28, 42, 7, 2, 24), SHAPES[-1]], ids=shape_id)
 def test_low_precision_within_twice_torch_error(shape, dtype, variant, threads):
     """Our error against the reference in float32 (from the same ``dtype`` inputs) is at most twice the
     reference's own error when run in ``dtype``: outputs and every gradient. Patch 7 makes K = 147 odd."""

@@ -228,19 +228,21 @@ inline void copy_pixels(const From* src, int64_t sW, int64_t p, To* dst) {
   }
 }
 
-// B = w [K, N] as stored (rows of a contiguous tensor) in B layout: the weight itself when the layout is
-// plain row-major and the types agree (no copy), else a packed copy. `hold` keeps the memory alive.
+// B = w [K, N] as stored (rows of a contiguous tensor) in B layout, row stride ldb (set here: N, or padded_ld):
+// the weight itself when the layout is plain row-major, the types agree and N needs no padding (no copy), else a
+// packed copy. `hold` keeps the memory alive.
 template <typename O, typename scalar_t>
-const O* weight_rows_b(const Gemm<O>& gemm, const at::Tensor& w2d, int64_t Kp, at::Tensor& hold) {
+const O* weight_rows_b(const Gemm<O>& gemm, const at::Tensor& w2d, int64_t Kp, at::Tensor& hold, int64_t& ldb) {
   const int64_t K = w2d.size(0), N = w2d.size(1);
+  ldb = cpu::padded_ld(N, 4);  // a B row: N fp32, or N VNNI pairs
   if constexpr (std::is_same_v<O, scalar_t>) {
-    if (!gemm.vnni() && Kp == K) {
+    if (!gemm.vnni() && Kp == K && ldb == N) {
       hold = w2d;
       return ptr<O>(hold);
     }
   }
-  hold = buffer<O>(Kp * N, false);
-  cpu::pack_b_rows(gemm, ptr<scalar_t>(w2d), N, K, Kp, N, ptr<O>(hold));
+  hold = buffer<O>(Kp * ldb, false);
+  cpu::pack_b_rows(gemm, ptr<scalar_t>(w2d), N, K, Kp, N, ptr<O>(hold), ldb);
   return ptr<O>(hold);
 }
 
@@ -506,8 +508,9 @@ struct LevelBackward {
   const scalar_t* gR;  // [B*Hs*Ws, D] or null
   const scalar_t* Ls;  // saved L
   const scalar_t* Gs;  // G's source: the saved S (mcl_embed) or the tokens (mcl_compress)
-  const O* wd_b = nullptr;  // B = decomp_w [KDp, D]
-  const O* wc_b = nullptr;  // B = comp_w [Dp, KD]
+  const O* wd_b = nullptr;  // B = decomp_w [KDp, D], row stride ldwd
+  const O* wc_b = nullptr;  // B = comp_w [Dp, KD], row stride ldwc
+  int64_t ldwd = 0, ldwc = 0;
   at::Tensor wd_hold, wc_hold;
   GradAcc<scalar_t> dw, cw, db, cb;
   BiasParts<A> db_parts, cb_parts;
@@ -550,7 +553,7 @@ struct LevelBackward {
         grT = buffer<O>(KD * ldst, false);
         lB = buffer<O>(ldst * D, false);
       }
-      if (need_gl) wd_b = weight_rows_b<O, scalar_t>(gemm, decomp_w->contiguous(), KDp, wd_hold);
+      if (need_gl) wd_b = weight_rows_b<O, scalar_t>(gemm, decomp_w->contiguous(), KDp, wd_hold, ldwd);
     }
     if (need_gl) {
       gl = per_slot<A>(slots, tmax * D, false);
@@ -560,7 +563,7 @@ struct LevelBackward {
         glT = buffer<O>(D * ldst, false);
         gB = buffer<O>(ldst * KD, false);
       }
-      if (need_g_grad) wc_b = weight_rows_b<O, scalar_t>(gemm, comp_w.contiguous(), Dp, wc_hold);
+      if (need_g_grad) wc_b = weight_rows_b<O, scalar_t>(gemm, comp_w.contiguous(), Dp, wc_hold, ldwc);
     }
   }
 
@@ -593,7 +596,7 @@ struct LevelBackward {
     {
       const PhaseScope ps(Phase::kBackwardTokenGemm);
       if (gL != nullptr) convert_n(gL + lrow0 * D, gla, T * D);
-      if (has_gr) gemm.run(T, D, KDp, gra, KDp, wd_b, D, gla, D, gL != nullptr);
+      if (has_gr) gemm.run(T, D, KDp, gra, KDp, wd_b, ldwd, gla, D, gL != nullptr);
     }
     if (need_cb) {
       const PhaseScope ps(Phase::kBackwardBias);
@@ -630,7 +633,7 @@ struct LevelBackward {
   // Rows [0, T) of a token-major source as B-layout stack rows (padding rows Tp > T zero).
   void stack_rows(const scalar_t* src, int64_t T, int64_t Tp, int64_t N, O* dst) const {
     if constexpr (std::is_same_v<O, scalar_t>) {
-      cpu::pack_rows(gemm, src, N, T, Tp, N, dst);
+      cpu::pack_rows(gemm, src, N, T, Tp, N, dst, N);
     } else {
       convert_n(src, dst, T * N);
       std::fill(dst + T * N, dst + Tp * N, O(0));
@@ -872,6 +875,7 @@ std::vector<OptTensor> embed_backward(const at::Tensor& g_small, const at::Tenso
   std::vector<at::Tensor> gs_a, gx_buf;
   at::Tensor gsT, imB, es_hold, gx;  // stacks: gS'^T [D, ldst] (direct_de: gS' [ldst, D]), A [ldst, K]
   const O* es_b = nullptr;
+  int64_t ldes = 0;
   if (need_x) gx = small_grad ? at::empty(x.sizes(), opts) : at::zeros(x.sizes(), opts);
   if (small_grad) {
     if (need_pb) pb_parts.init(tl.nslots, D);
@@ -882,7 +886,7 @@ std::vector<OptTensor> embed_backward(const at::Tensor& g_small, const at::Tenso
     if (need_x) {
       if (!kAlias) gs_a = per_slot<O>(tl.nslots, tsmax * Dp, true);
       gx_buf = per_slot<A>(tl.nslots, tsmax * K, false);
-      es_b = weight_rows_b<O, scalar_t>(gemm, proj_w.reshape({D, K}).contiguous(), Dp, es_hold);
+      es_b = weight_rows_b<O, scalar_t>(gemm, proj_w.reshape({D, K}).contiguous(), Dp, es_hold, ldes);
     }
   }
   std::vector<const O*> tokp;  // direct dE: the pixels of the token at each stack position of the round
@@ -921,7 +925,7 @@ std::vector<OptTensor> embed_backward(const at::Tensor& g_small, const at::Tenso
     if (level.has_gl) {
       const PhaseScope ps(Phase::kBackwardTokenGemm);
       const auto [gla, ldg] = level.gl_operand(slot);
-      gemm.run(T, KD, Dp, gla, ldg, level.wc_b, KD, gs, KD, has_gs);
+      gemm.run(T, KD, Dp, gla, ldg, level.wc_b, level.ldwc, gs, KD, has_gs);
     }
     if (need_pb) {
       const PhaseScope ps(Phase::kBackwardBias);
@@ -971,7 +975,7 @@ std::vector<OptTensor> embed_backward(const at::Tensor& g_small, const at::Tenso
         gsa = o, ldgs = Dp;
       }
       A* gxa = ptr<A>(gx_buf[slot]);
-      gemm.run(Ts, K, Dp, gsa, ldgs, es_b, K, gxa, K, false);
+      gemm.run(Ts, K, Dp, gsa, ldgs, es_b, ldes, gxa, K, false);
       for_each_patch_row(gxp, gx.strides(), s, r0, r1, [&](int64_t row, int64_t col0, scalar_t* px, int64_t sW) {
         const A* src = gxa + row * K + col0;
         for (int64_t q = 0; q < s.p; ++q) px[q * sW] = cvt<scalar_t>(src[q]);
@@ -1072,7 +1076,7 @@ std::vector<OptTensor> compress_backward(const at::Tensor& g_large, const at::Te
     const PhaseScope ps(Phase::kBackwardInput);
     A* gg = ptr<A>(level.scratch[slot]);  // the grouped gR is no longer needed
     const auto [gla, ldg] = level.gl_operand(slot);
-    gemm.run(T, KD, Dp, gla, ldg, level.wc_b, KD, gg, KD, false);
+    gemm.run(T, KD, Dp, gla, ldg, level.wc_b, level.ldwc, gg, KD, false);
     for_each_group_row(g, r0, r1, [&](int64_t t, int64_t u, int64_t flat) {
       convert_n(gg + t * KD + u * k * D, gtp + flat * D, k * D);
     });

@@ -167,19 +167,20 @@ class Gemm {
   bool vnni_ = false;
 };
 
-// B layout `dst` (row length N) from row-major rows src [K, N] (row stride lds), rows K..Kp zero.
+// B layout `dst` (N columns, row stride ldd >= N) from row-major rows src [K, N] (row stride lds), rows K..Kp zero.
 template <typename O>
-void pack_rows(const Gemm<O>& gemm, const O* src, int64_t lds, int64_t K, int64_t Kp, int64_t N, O* dst) {
+void pack_rows(const Gemm<O>& gemm, const O* src, int64_t lds, int64_t K, int64_t Kp, int64_t N, O* dst,
+               int64_t ldd) {
   if (!gemm.vnni()) {
-    for (int64_t kk = 0; kk < K; ++kk) std::memcpy(dst + kk * N, src + kk * lds, N * sizeof(O));
-    std::fill(dst + K * N, dst + Kp * N, O(0));
+    for (int64_t kk = 0; kk < K; ++kk) std::memcpy(dst + kk * ldd, src + kk * lds, N * sizeof(O));
+    for (int64_t kk = K; kk < Kp; ++kk) std::fill(dst + kk * ldd, dst + kk * ldd + N, O(0));
     return;
   }
   if constexpr (std::is_same_v<O, c10::BFloat16>) {
     std::vector<O> zeros(K % 2 ? N : 0, O(0));
     for (int64_t kk = 0; kk < K; kk += 2) {
       const O* second = kk + 1 < K ? src + (kk + 1) * lds : zeros.data();
-      simd::interleave(src + kk * lds, second, dst + kk * N, N);
+      simd::interleave(src + kk * lds, second, dst + kk * ldd, N);
     }
   }
 }
@@ -223,14 +224,15 @@ void pack_b_transposed(const Gemm<O>& gemm, const S* w, int64_t ldw, int64_t K, 
 
 // B = W for a weight W [K, N] (row stride ldw) in B layout.
 template <typename O, typename S>
-void pack_b_rows(const Gemm<O>& gemm, const S* w, int64_t ldw, int64_t K, int64_t Kp, int64_t N, O* dst) {
+void pack_b_rows(const Gemm<O>& gemm, const S* w, int64_t ldw, int64_t K, int64_t Kp, int64_t N, O* dst,
+                 int64_t ldb) {
   if constexpr (std::is_same_v<O, S>) {
-    pack_rows(gemm, w, ldw, K, Kp, N, dst);
+    pack_rows(gemm, w, ldw, K, Kp, N, dst, ldb);
   } else {  // fp16 weights for fp32 GEMMs (never VNNI)
     at::parallel_for(0, K, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t kk = begin; kk < end; ++kk) convert_n(w + kk * ldw, dst + kk * N, N);
+      for (int64_t kk = begin; kk < end; ++kk) convert_n(w + kk * ldw, dst + kk * ldb, N);
     });
-    std::fill(dst + K * N, dst + Kp * N, O(0));
+    for (int64_t kk = K; kk < Kp; ++kk) std::fill(dst + kk * ldb, dst + kk * ldb + N, O(0));
   }
 }
 
