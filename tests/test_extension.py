@@ -168,10 +168,10 @@ def test_amx_kernel_runs_where_the_cpu_has_amx():
 # (B, C, H, W, D, P): groups of one patch position across images (B >= the patch row's patches, B = 17, 33: a
 # ragged last group of 1) and of consecutive patches of a patch row (B = 1, 2, 5); one or two column blocks in the
 # last pair (D = 17: 16 + 1; 40: 16 + 16 + 8; 48); patch 64 (two tile rows per patch row); patch 16 and 48 (tile
-# rows of 16 pixels); one channel.
+# rows of 16 pixels), 8 channels of it; one channel.
 AMX_SHAPES = [(1, 3, 64, 96, 40, 32), (2, 3, 96, 64, 17, 32), (17, 2, 64, 64, 48, 32), (33, 1, 32, 96, 17, 32),
               (5, 3, 128, 64, 24, 64), (20, 3, 224, 224, 130, 32), (3, 3, 48, 80, 40, 16), (18, 3, 64, 32, 33, 16),
-              (2, 2, 96, 48, 24, 48)]
+              (2, 2, 96, 48, 24, 48), (3, 8, 32, 48, 20, 16)]
 
 
 @pytest.mark.skipif(not _has_amx(), reason="needs a CPU with AMX-BF16 (Intel Xeon 4th gen or later)")
