@@ -1,4 +1,5 @@
-// The bf16 patch-embedding GEMM on Intel AMX tiles, pixels read straight from the image (embed_tokens).
+// The bf16 patch-embedding GEMM on Intel AMX tiles, pixels read straight from the image (embed_tokens, and
+// mcl_embed's small tokens S).
 //
 // A tile row is up to 32 bf16 (64 bytes): 32 consecutive pixels of one patch row (16 when P is not a multiple of
 // 32: half the work per dot product), so an A tile is up to 16 patches at one k step (c, u, chunk), loaded with

@@ -11,7 +11,8 @@
 // on buffers of one tile (kForwardTileTokens), tiles dealt to threads as they free up (for_each_item), GEMMs through
 // tile_gemm.h (oneDNN brgemm, single-threaded). Nothing of batch size is allocated but the outputs. For fp32 and
 // bf16 images with unit W stride on AVX-512 CPUs, S is computed from the pixels straight into the output by
-// patch_gemm.h's kernels instead (no im2col tile; 2-4% faster forward at D = 384, B = 64), and G gathered from it.
+// patch_gemm.h's kernels instead (no im2col tile; 2-4% faster forward at D = 384, B = 64), and G gathered from it;
+// bf16 with p a multiple of 16 on CPUs with AMX, by amx_patch_gemm.h's tile kernels (S: 65 -> 14 thread-ms there).
 //
 // Backward, per tile, from the upstream gradients and the saved S, L (outputs, alive anyway):
 //   gRg = group(gR):            dW_d += gRg^T L, db_d += colsum gRg,   gl = gL + gRg W_d
