@@ -145,6 +145,22 @@ def test_direct_kernel_runs_where_the_cpu_has_avx512():
     assert not _C.embed_tokens_cpu_direct(x.double(), 4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_patch_matrix_path_with_a_padded_weight_stride(dtype):
+    """D = 1024: the packed weight's rows would be 4 KiB apart, so they are packed with a padded stride
+    (tile_gemm.h, Gemm::b_ld); channels_last images take the patch-matrix path that multiplies by it."""
+    inputs = make_inputs((2, 3, 16, 24, 1024, 4), "bias+cls+pos", "channels_last", dtype=dtype)
+    assert not _C.embed_tokens_cpu_direct(inputs[0], 4)
+    out = embed(*inputs)
+    exact = reference(*to64(*inputs))
+    if dtype == torch.float32:
+        assert_close("embed_tokens D=1024", out, exact.float(), atol=1e-4, rtol=1e-4)
+    else:
+        torch_err = (reference(*inputs).double() - exact).abs().max().item()
+        our_err = (out.double() - exact).abs().max().item()
+        assert our_err <= 2 * torch_err + 1e-3, f"error {our_err:.3g} vs torch's own {torch_err:.3g}"
+
+
 def _has_amx():
     flags = _cpu_flags() or []
     return platform.machine() in ("x86_64", "AMD64") and "amx_bf16" in flags and "amx_tile" in flags

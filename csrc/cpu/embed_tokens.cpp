@@ -189,9 +189,10 @@ void embed_tiles(const at::Tensor& x, const at::Tensor& w2d, const Plan<acc_type
     if (!kDirect) cbuf.push_back(at::empty({std::min(tile_max, N) * D}, acc_opts));
   }
   // B = weight^T [K, D] in the GEMM's layout.
-  at::Tensor wb = at::empty({Kp * D}, op_opts);
+  const int64_t ldb = gemm.b_ld(D);
+  at::Tensor wb = at::empty({Kp * ldb}, op_opts);
   cpu::pack_b_transposed(gemm, static_cast<const scalar_t*>(w2d.data_ptr()), K, K, Kp, D,
-                         static_cast<O*>(wb.data_ptr()), D);
+                         static_cast<O*>(wb.data_ptr()), ldb);
   const auto* xp = static_cast<const scalar_t*>(x.const_data_ptr());
   const int64_t sB = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
   scalar_t* op = static_cast<scalar_t*>(out.data_ptr());
@@ -234,7 +235,7 @@ void embed_tiles(const at::Tensor& x, const at::Tensor& w2d, const Plan<acc_type
             c = static_cast<A*>(cbuf[slot].data_ptr());
           }
           std::copy(plan.add.begin() + n * D, plan.add.begin() + (n + m) * D, c);
-          gemm.run(m, D, Kp, a + (r - r0) * Kp, Kp, static_cast<const O*>(wb.data_ptr()), D, c, D, true);
+          gemm.run(m, D, Kp, a + (r - r0) * Kp, Kp, static_cast<const O*>(wb.data_ptr()), ldb, c, D, true);
           if constexpr (!kDirect) convert_n(c, dst, m * D);
           r += m;
         }

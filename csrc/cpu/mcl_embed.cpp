@@ -229,13 +229,13 @@ inline void copy_pixels(const From* src, int64_t sW, int64_t p, To* dst) {
   }
 }
 
-// B = w [K, N] as stored (rows of a contiguous tensor) in B layout, row stride ldb (set here: N, or padded_ld):
-// the weight itself when the layout is plain row-major, the types agree and N needs no padding (no copy), else a
+// B = w [K, N] as stored (rows of a contiguous tensor) in B layout, row stride ldb (set here: gemm.b_ld(N)): the
+// weight itself when the layout is plain row-major, the types agree and N needs no padding (no copy), else a
 // packed copy. `hold` keeps the memory alive.
 template <typename O, typename scalar_t>
 const O* weight_rows_b(const Gemm<O>& gemm, const at::Tensor& w2d, int64_t Kp, at::Tensor& hold, int64_t& ldb) {
   const int64_t K = w2d.size(0), N = w2d.size(1);
-  ldb = cpu::padded_ld(N, 4);  // a B row: N fp32, or N VNNI pairs
+  ldb = gemm.b_ld(N);
   if constexpr (std::is_same_v<O, scalar_t>) {
     if (!gemm.vnni() && Kp == K && ldb == N) {
       hold = w2d;
@@ -247,11 +247,11 @@ const O* weight_rows_b(const Gemm<O>& gemm, const at::Tensor& w2d, int64_t Kp, a
   return ptr<O>(hold);
 }
 
-// B = w^T for w [N, K] (contiguous) in B layout, row stride ldb (N unless given).
+// B = w^T for w [N, K] (contiguous) in B layout, row stride ldb (set here: gemm.b_ld(N)).
 template <typename O, typename scalar_t>
-at::Tensor weight_transposed_b(const Gemm<O>& gemm, const at::Tensor& w2d, int64_t Kp, int64_t ldb = 0) {
+at::Tensor weight_transposed_b(const Gemm<O>& gemm, const at::Tensor& w2d, int64_t Kp, int64_t& ldb) {
   const int64_t N = w2d.size(0), K = w2d.size(1);
-  ldb = std::max(ldb, N);
+  ldb = gemm.b_ld(N);
   at::Tensor out = buffer<O>(Kp * ldb, false);
   cpu::pack_b_transposed(gemm, ptr<scalar_t>(w2d), K, K, Kp, N, ptr<O>(out), ldb);
   return out;
@@ -269,7 +269,7 @@ struct LevelForward {
 
   const Gemm<O>& gemm;
   const Grid& g;
-  int64_t KD, KDp, Dp, ldr;  // ldr: the row stride of decomp_w^T and of R's GEMM tile (KD, or padded_ld)
+  int64_t KD, KDp, Dp, ldwc = 0, ldwd = 0;  // ldw*: the row strides of wc_b, wd_b
   bool decompress;
   at::Tensor wc_b, wd_b;  // B = comp_w^T [KDp, D], decomp_w^T [Dp, KD]
   std::vector<A> bc, bd;
@@ -282,18 +282,18 @@ struct LevelForward {
                int64_t slots, int64_t tmax)
       : gemm(gemm_), g(g_) {
     const int64_t D = g.D, ka = gemm.k_align();
-    KD = g.k * g.k * D, KDp = round_up(KD, ka), Dp = round_up(D, ka), ldr = cpu::padded_ld(KD, sizeof(A));
+    KD = g.k * g.k * D, KDp = round_up(KD, ka), Dp = round_up(D, ka);
     decompress = decomp_w.has_value();
-    wc_b = weight_transposed_b<O, scalar_t>(gemm, comp_w.contiguous(), KDp);
+    wc_b = weight_transposed_b<O, scalar_t>(gemm, comp_w.contiguous(), KDp, ldwc);
     bc = bias_vector<A>(comp_b);
     L = ptr<scalar_t>(L_);
     R = decompress ? ptr<scalar_t>(*R_) : nullptr;
     if (!kDirect) lbuf = per_slot<A>(slots, tmax * D, false);
     if (decompress) {
-      wd_b = weight_transposed_b<O, scalar_t>(gemm, decomp_w->contiguous(), Dp, ldr);
+      wd_b = weight_transposed_b<O, scalar_t>(gemm, decomp_w->contiguous(), Dp, ldwd);
       bd = bias_vector<A>(decomp_b);
       if (!kAlias) lop = per_slot<O>(slots, tmax * Dp, true);  // zero: the padding column stays 0
-      rbuf = per_slot<A>(slots, tmax * ldr, false);
+      rbuf = per_slot<A>(slots, tmax * KD, false);
     }
   }
 
@@ -310,7 +310,7 @@ struct LevelForward {
     {
       const PhaseScope ps(Phase::kForwardLarge);
       if (!bc.empty()) cpu::fill_rows(l, D, T, D, bc.data());
-      gemm.run(T, D, KDp, ga, ldg, ptr<O>(wc_b), D, l, D, !bc.empty());
+      gemm.run(T, D, KDp, ga, ldg, ptr<O>(wc_b), ldwc, l, D, !bc.empty());
       if constexpr (!kDirect) convert_n(l, lout, T * D);
     }
     if (!decompress) return;
@@ -327,11 +327,11 @@ struct LevelForward {
     A* r = ptr<A>(rbuf[slot]);
     {
       const PhaseScope ps(Phase::kForwardRecon);
-      gemm.run(T, KD, Dp, la, ldl, ptr<O>(wd_b), ldr, r, ldr, false);
+      gemm.run(T, KD, Dp, la, ldl, ptr<O>(wd_b), ldwd, r, KD, false);
     }
     const PhaseScope ps(Phase::kForwardUngroup);
     for_each_group_row(g, r0, r1, [&](int64_t t, int64_t u, int64_t flat) {
-      A* src = r + t * ldr + u * kD;
+      A* src = r + t * KD + u * kD;
       if (!bd.empty()) {
         const A* b = bd.data() + u * kD;
         for (int64_t e = 0; e < kD; ++e) src[e] += b[e];
@@ -746,8 +746,8 @@ std::tuple<at::Tensor, at::Tensor, OptTensor> embed_forward(const at::Tensor& x,
       run_tiles(tl, g, gemm, [&](int64_t slot, int64_t r0, int64_t r1) {
         {
           const PhaseScope ps(Phase::kForwardSmall);
-          if constexpr (kBf16) {
-            if (on_tiles) {  // groups of up to 16 consecutive patches of a small-patch row
+          if (on_tiles) {  // groups of up to 16 consecutive patches of a small-patch row
+            if constexpr (kBf16) {
               std::vector<amx::Group> groups;
               for (int64_t rr = r0; rr < r1; ++rr) {
                 for (int64_t u = 0; u < k; ++u) {
@@ -761,17 +761,19 @@ std::tuple<at::Tensor, at::Tensor, OptTensor> embed_forward(const at::Tensor& x,
               }
               amx::run(groups.data(), static_cast<int64_t>(groups.size()), sC, sH, s.p, s.C, ptr<scalar_t>(es_p), D);
             }
-          }
-          for (int64_t q = 0; q < (on_tiles ? 0 : Q); ++q) {
-            const int64_t d0 = q * patch_gemm::kPanel, cols = std::min(patch_gemm::kPanel, D - d0);
-            const scalar_t* wq = ptr<scalar_t>(es_p) + q * panel;
-            for (int64_t rr = r0; rr < r1; ++rr) {
-              for (int64_t u = 0; u < k; ++u) {  // small-patch row rr * k + u: Ws patches, Ws rows of S
-                const scalar_t* row = large_row_origin(xp, x.strides(), s, rr) + u * s.p * sH;
-                scalar_t* srow = Sout + g.small(rr, 0, u) * D + d0;
-                patch_gemm::for_each_block(g.Ws, [&](int64_t j, int64_t m) {
-                  patch_gemm::run(row + j * s.p, sC, sH, s.p, s.C, m, wq, cols, start.data() + d0, 0, srow + j * D, D);
-                });
+          } else {
+            for (int64_t q = 0; q < Q; ++q) {
+              const int64_t d0 = q * patch_gemm::kPanel, cols = std::min(patch_gemm::kPanel, D - d0);
+              const scalar_t* wq = ptr<scalar_t>(es_p) + q * panel;
+              for (int64_t rr = r0; rr < r1; ++rr) {
+                for (int64_t u = 0; u < k; ++u) {  // small-patch row rr * k + u: Ws patches, Ws rows of S
+                  const scalar_t* row = large_row_origin(xp, x.strides(), s, rr) + u * s.p * sH;
+                  scalar_t* srow = Sout + g.small(rr, 0, u) * D + d0;
+                  patch_gemm::for_each_block(g.Ws, [&](int64_t j, int64_t m) {
+                    patch_gemm::run(row + j * s.p, sC, sH, s.p, s.C, m, wq, cols, start.data() + d0, 0, srow + j * D,
+                                    D);
+                  });
+                }
               }
             }
           }
@@ -791,7 +793,8 @@ std::tuple<at::Tensor, at::Tensor, OptTensor> embed_forward(const at::Tensor& x,
     }
   }
 
-  const at::Tensor es_b = weight_transposed_b<O, scalar_t>(gemm, proj_w.reshape({D, K}).contiguous(), Kp);
+  int64_t ldes = 0;
+  const at::Tensor es_b = weight_transposed_b<O, scalar_t>(gemm, proj_w.reshape({D, K}).contiguous(), Kp, ldes);
   const auto abuf = per_slot<O>(tl.nslots, tsmax * Kp, true);  // zero: padding columns stay 0
   const auto sbuf = per_slot<A>(tl.nslots, tsmax * D, false);
   run_tiles(tl, g, gemm, [&](int64_t slot, int64_t r0, int64_t r1) {
@@ -804,7 +807,7 @@ std::tuple<at::Tensor, at::Tensor, OptTensor> embed_forward(const at::Tensor& x,
         copy_pixels(px, sW, s.p, a + row * Kp + col0);
       });
       if (!bs.empty()) cpu::fill_rows(sa, D, Ts, D, bs.data());
-      gemm.run(Ts, D, Kp, a, Kp, ptr<O>(es_b), D, sa, D, !bs.empty());
+      gemm.run(Ts, D, Kp, a, Kp, ptr<O>(es_b), ldes, sa, D, !bs.empty());
     }
     if constexpr (kAlias) {
       {

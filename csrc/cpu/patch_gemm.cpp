@@ -182,11 +182,12 @@ void dispatch(const T* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t
 }
 
 // Weight gradient: R rows x 4 vectors of dE in registers, the token loop inside; per token, 4 pixel vectors and R
-// broadcasts of the gradient (each by its own load: see broadcast()). The call's sum starts from zero and is added to `out` at the
-// end, as brgemm's is: one FMA chain through every token of the batch had 4-8x the error (B = 64, D = 384). No
+// broadcasts of the gradient (each by its own load: see broadcast()). The call's sum starts from zero and is added
+// to `out` at the end, as brgemm's is: one FMA chain through every token of the batch had 4-8x the error (B = 64,
+// D = 384). No
 // software prefetch: fetching the pixels 32 tokens ahead, or the next run's pixels spread over the calls before it,
 // measured the same (one thread, all of dE's rows, x streamed from memory: 89-93% of the FMA limit either way,
-// 97-98% with x in cache).
+// 97-98% with x in cache); on the Intel Xeon, 8 or 32 tokens ahead: the training step 0.994-0.995x, paired.
 template <int R>
 MCL_AVX512F void weight_grad_kernel(const float* a, int64_t lda, const float* const* tok, int64_t n,
                                     const int64_t* off, float* out, int64_t ldo) {

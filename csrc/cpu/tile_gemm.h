@@ -78,6 +78,12 @@ inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 bool bf16_brgemm_vnni();
 
 // GEMMs with operands of type `O`; results accumulate in acc_type<O> (fp32 for bf16).
+// A row stride for n elements of `bytes` each that is not a multiple of 4 KiB: rows that many bytes apart fall
+// into the same L1 sets, and the GEMM's micro-kernel walks several such rows at once. brgemm, one thread, M = 98,
+// N = 3072 (fp32 rows of 12 KiB), K = 768: 63 GFLOP/s at ldb = ldc = 3072, 123 at 3088; N = 1536 (6 KiB): 168
+// either way; only B's stride mattered (benchmarks/results/gemm-ld-cpu-2core-intel.txt).
+inline int64_t padded_ld(int64_t n, int64_t bytes) { return (n * bytes) % 4096 == 0 ? n + 64 / bytes : n; }
+
 template <typename O>
 class Gemm {
  public:
@@ -90,6 +96,10 @@ class Gemm {
   bool vnni() const { return vnni_; }
   // K (the reduction length) of every operand is padded to a multiple of this, with zeros.
   int64_t k_align() const { return vnni_ ? 2 : 1; }
+
+  // The row stride to pack a B operand of N columns with: N, or padded_ld of it (a column is a VNNI pair or one
+  // element). Every weight packed as B uses it.
+  int64_t b_ld(int64_t N) const { return padded_ld(N, vnni_ ? 4 : static_cast<int64_t>(sizeof(O))); }
 
   // Offset of B[kk][n] in B layout with row length ldb.
   int64_t b_index(int64_t kk, int64_t n, int64_t ldb) const {
@@ -185,15 +195,9 @@ void pack_rows(const Gemm<O>& gemm, const O* src, int64_t lds, int64_t K, int64_
   }
 }
 
-// A row stride for n elements of `bytes` each that is not a multiple of 4 KiB: rows that many bytes apart fall
-// into the same L1 sets, and the GEMM's micro-kernel walks several such rows at once. brgemm, one thread, M = 98,
-// N = 3072 (fp32 rows of 12 KiB), K = 768: 63 GFLOP/s at ldb = ldc = 3072, 123 at 3088; N = 1536 (6 KiB): 168
-// either way (benchmarks/results/gemm-ld-cpu-2core-intel.txt).
-inline int64_t padded_ld(int64_t n, int64_t bytes) { return (n * bytes) % 4096 == 0 ? n + 64 / bytes : n; }
-
 // B = W^T for a weight W [N, K] (row stride ldw) in B layout, built in parallel: the forward multiplies by
 // transposed weights. In VNNI layout, the pairs (W[n][kk], W[n][kk + 1]) are 32-bit words of W's rows, so
-// W^T packed is the 32-bit transpose of W. ldb >= N: B's row stride (see padded_ld).
+// W^T packed is the 32-bit transpose of W. ldb >= N: B's row stride (Gemm::b_ld).
 template <typename O, typename S>
 void pack_b_transposed(const Gemm<O>& gemm, const S* w, int64_t ldw, int64_t K, int64_t Kp, int64_t N, O* dst,
                        int64_t ldb) {
