@@ -443,7 +443,7 @@ def test_backward_checks_its_gradients():
 
 FORWARD_PHASES = {"fwd.small_gemm", "fwd.group", "fwd.large_gemm", "fwd.recon_gemm", "fwd.ungroup"}
 BACKWARD_PHASES = {"bwd.group", "bwd.token_gemms", "bwd.stacks", "bwd.bias_sums", "bwd.input_grad",
-                   "bwd.weight_gemms", "bwd.wall.tiles", "bwd.wall.weight_gemms"}
+                   "bwd.weight_gemms", "bwd.embed_grad", "bwd.wall.tiles", "bwd.wall.weight_gemms"}
 
 
 @pytest.fixture

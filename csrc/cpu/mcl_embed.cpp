@@ -375,6 +375,7 @@ struct GemmJob {
   // token-major, its element (row r, stack position i) at a[i * lda + r] (gS' as computed, no transpose).
   const O* const* tok = nullptr;
   const int64_t* poff = nullptr;
+  Phase phase = Phase::kBackwardWeightGemm;  // whose time the job's items count as
 };
 
 // Runs the jobs' blocks of kJobRows rows (a split independent of the thread count, so the results are too),
@@ -410,7 +411,7 @@ void run_jobs(const Gemm<O>& gemm, const std::vector<GemmJob<O>>& jobs, int64_t 
     const GemmJob<O>& j = jobs[items[i].job];
     const int64_t m0 = items[i].m0;
     const std::vector<int64_t>& off = *j.off;
-    const PhaseScope ps(Phase::kBackwardWeightGemm);
+    const PhaseScope ps(j.phase);
     if constexpr (std::is_same_v<O, float>) {
       if (j.tok != nullptr) {  // the tile's pixels in one panel stay in L2 across the row blocks
         namespace pg = cpu::patch_gemm;
@@ -990,9 +991,11 @@ std::vector<OptTensor> embed_backward(const at::Tensor& g_small, const at::Tenso
     level.jobs(list, lr[r].off);
     if (small_grad && need_pw) {
       if (direct_de) {
-        list.push_back({ptr<O>(gsT), D, nullptr, K, pw.ptr(), K, D, K, &sr[r].off, tokp.data(), poff.data()});
+        list.push_back({ptr<O>(gsT), D, nullptr, K, pw.ptr(), K, D, K, &sr[r].off, tokp.data(), poff.data(),
+                        Phase::kBackwardEmbedGrad});
       } else {
-        list.push_back({ptr<O>(gsT), ldst, ptr<O>(imB), K, pw.ptr(), K, D, K, &sr[r].off});
+        list.push_back({ptr<O>(gsT), ldst, ptr<O>(imB), K, pw.ptr(), K, D, K, &sr[r].off, nullptr, nullptr,
+                        Phase::kBackwardEmbedGrad});
       }
     }
   };

@@ -13,7 +13,7 @@ std::array<std::atomic<int64_t>, kCount> counters{};
 constexpr const char* kNames[] = {
     "fwd.small_gemm", "fwd.group",       "fwd.large_gemm", "fwd.recon_gemm",   "fwd.ungroup",
     "bwd.group",      "bwd.token_gemms", "bwd.stacks",     "bwd.bias_sums",    "bwd.input_grad",
-    "bwd.weight_gemms", "bwd.wall.tiles", "bwd.wall.weight_gemms"};
+    "bwd.weight_gemms", "bwd.embed_grad", "bwd.wall.tiles", "bwd.wall.weight_gemms"};
 static_assert(sizeof(kNames) / sizeof(kNames[0]) == kCount, "one name per phase");
 
 }  // namespace

@@ -28,7 +28,8 @@ enum Phase : int {
                       // dE read from the pixels)
   kBackwardBias,      // column sums for the bias gradients
   kBackwardInput,     // the gradient of the input: gx = col2im(gS' E), or the tokens' (mcl_compress)
-  kBackwardWeightGemm,// the rounds' weight-gradient GEMMs (phase B)
+  kBackwardWeightGemm,// the rounds' compression and decompression weight-gradient GEMMs (phase B): dW_c, dW_d
+  kBackwardEmbedGrad, // the rounds' patch-embedding weight gradient dE (phase B), from the pixels or the im2col stack
   kBackwardTilesWall, // wall time of the rounds' phase A (one thread's clock, whole parallel region)
   kBackwardGemmWall,  // wall time of the rounds' phase B
   kCount
