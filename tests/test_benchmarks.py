@@ -197,7 +197,8 @@ def test_compiled_rows_survive_more_cases_than_dynamos_recompile_limit():
 
 def test_fma_peak_tool_builds_and_reports(tmp_path):
     """benchmarks/fma_peak.cpp (the CPU's FMA limit that README divides by) compiles as its header says, and,
-    on a CPU with AVX-512, prints a positive GFLOP/s for one thread and for all."""
+    on a CPU with AVX-512, prints a positive GFLOP/s for one thread and for all, for the FMA loop and for the
+    load-fed 6 x 4 block (with its share of the FMA loop's rate)."""
     exe = tmp_path / "fma_peak"
     src = os.path.join(ROOT, "benchmarks", "fma_peak.cpp")
     subprocess.run(["g++", "-O2", "-mavx512f", "-mfma", "-pthread", src, "-o", str(exe)], check=True, timeout=120)
@@ -208,6 +209,11 @@ def test_fma_peak_tool_builds_and_reports(tmp_path):
     lines = [line for line in out.splitlines() if line.startswith("fp32 FMA peak")]
     assert lines and lines[0].startswith("fp32 FMA peak, 1 thread:"), out
     assert all(float(line.split(":")[1].split()[0]) > 0 for line in lines), out
+    fed = [line for line in out.splitlines() if line.startswith("fp32 6x4 FMA block fed from L1")]
+    assert len(fed) == len(lines), out  # the load-fed ceiling, for the same thread counts
+    for line in fed:
+        rate, share = float(line.split(":")[1].split()[0]), float(line.split("(")[1].split("%")[0])
+        assert rate > 0 and 0 < share < 150, out  # a share of the FMA loop's rate (above 100% only by noise)
 
 
 def test_cpu_phases_quick_run(tmp_path):
@@ -218,7 +224,8 @@ def test_cpu_phases_quick_run(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     doc = json.loads(out.read_text())
     phases = {p["phase"]: p for p in doc["phases"]}
-    for gemm in ("fwd.small_gemm", "fwd.large_gemm", "fwd.recon_gemm", "bwd.token_gemms", "bwd.weight_gemms"):
+    for gemm in ("fwd.small_gemm", "fwd.large_gemm", "fwd.recon_gemm", "bwd.token_gemms", "bwd.weight_gemms",
+                 "bwd.embed_grad"):
         assert phases[gemm]["gflop"] > 0 and phases[gemm]["gflops_per_thread"] > 0 and phases[gemm]["fma_fraction"] > 0
     assert phases["bwd.wall.tiles"]["wall_ms"] > 0 and doc["step_ms"] > 0
     shares = [p["share"] for p in doc["phases"] if "share" in p]
