@@ -48,6 +48,11 @@ bool embed_tokens_cpu_direct(const at::Tensor& x, int64_t patch);
 // W stride, a patch that is a multiple of 16, on a CPU with AMX-BF16 that the OS lets this process use.
 bool embed_tokens_cpu_amx(const at::Tensor& x, int64_t patch);
 
+// Whether the direct path splits the weight's panels over the threads rather than the patches (cpu/embed_tokens.cpp,
+// by_panels: small batches, panels that divide evenly over at::get_num_threads()), for a weight of `width` rows.
+// Both splits give bitwise the same result.
+bool embed_tokens_cpu_by_panels(const at::Tensor& x, int64_t width, int64_t patch);
+
 #ifdef MCL_WITH_CUDA
 at::Tensor embed_tokens_cuda(const at::Tensor& x, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias,

@@ -49,6 +49,10 @@ R [B, grid_h*grid_w, D] or None).)doc");
         R"doc(Whether embed_tokens on the CPU reads x's pixels directly (AVX-512 micro-kernels) rather than through a
 patch matrix and brgemm: float32, or bfloat16 with an even patch, with unit W stride, on a CPU that has AVX-512F
 (and AVX512-BF16 for bfloat16).)doc");
+  m.def("embed_tokens_cpu_by_panels", &mcl::embed_tokens_cpu_by_panels, py::arg("x"), py::arg("width"),
+        py::arg("patch"),
+        "Whether the CPU embed_tokens' direct path splits the weight's panels over the threads (small batches, panels "
+        "dividing evenly over torch's thread count) instead of the patches; both give bitwise the same result.");
   m.def("embed_tokens_cpu_amx", &mcl::embed_tokens_cpu_amx, py::arg("x"), py::arg("patch"),
         "Whether the CPU embed_tokens runs x on the AMX tile kernels (bf16, unit W stride, patch a multiple of 16, "
         "a CPU with AMX-BF16).");

@@ -145,6 +145,37 @@ def test_direct_kernel_runs_where_the_cpu_has_avx512():
     assert not _C.embed_tokens_cpu_direct(x.double(), 4)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_batches_split_the_weight_over_threads_bitwise_as_large_ones(dtype, threads):
+    """The direct path splits small batches by the weight's panels (each thread packs and runs its own panels over
+    every patch) and large ones by patches (cpu/embed_tokens.cpp, by_panels): an image must get bitwise the same rows
+    alone as inside a batch too large for the panel split. D = 128 is two 64-column panels (one per thread on 2); an
+    image's pixels are 1/8 of the weight's bytes, so batches up to 32 split by panels."""
+    inputs = make_inputs((40, 3, 32, 32, 128, 8), "bias+cls+pos", dtype=dtype)
+    x = inputs[0]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        direct = _C.embed_tokens_cpu_direct(x, 8)
+        assert _C.embed_tokens_cpu_by_panels(x[:1], 128, 8) == direct
+        assert _C.embed_tokens_cpu_by_panels(x[:32], 128, 8) == direct
+        assert not _C.embed_tokens_cpu_by_panels(x[:33], 128, 8)
+        assert not _C.embed_tokens_cpu_by_panels(x[:1], 192, 8) or threads == 1  # 3 panels do not split over 2
+        batch = embed(*inputs)
+        alone = torch.cat([embed(x[i:i + 1], *inputs[1:]) for i in range(0, 40, 13)])
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(alone, batch[0:40:13]), "an image alone differs from the same image in a large batch"
+    exact = reference(*to64(*inputs))
+    if dtype == torch.float32:
+        assert_close("embed_tokens, panels split", batch, exact.float(), atol=1e-4, rtol=1e-4)
+    else:
+        torch_err = (reference(*inputs).double() - exact).abs().max().item()
+        our_err = (batch.double() - exact).abs().max().item()
+        assert our_err <= 2 * torch_err + 1e-3, f"error {our_err:.3g} vs torch's own {torch_err:.3g}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_patch_matrix_path_with_a_padded_weight_stride(dtype):
     """D = 1024: the packed weight's rows would be 4 KiB apart, so they are packed with a padded stride

@@ -1,5 +1,6 @@
 // embed_tokens on the CPU: tiles of patch rows, the same number per thread (at::parallel_for), each output row
-// starting from bias + pos[t0 + n], so the epilogue costs no extra pass. bf16 images with unit W stride and a patch
+// starting from bias + pos[t0 + n], so the epilogue costs no extra pass. Small batches on the direct path split the
+// weight's panels over the threads instead (by_panels). bf16 images with unit W stride and a patch
 // that is a multiple of 16, on CPUs with AMX, go through amx_patch_gemm.h's tile kernels (embed_tokens_cpu_amx);
 // otherwise two ways through a tile:
 //   direct (fp32 and bf16 images with unit W stride, AVX-512 CPUs; embed_tokens_cpu_direct): patch_gemm.h's
@@ -93,9 +94,26 @@ void for_each_run(const EmbedShape& s, int64_t r0, int64_t r1, F&& f) {
   }
 }
 
-// fp32 and bf16 with unit W stride on AVX-512 CPUs: pixels straight from the image (patch_gemm.h). Panel by
-// panel of the weight (kPanel output columns, ~768 KiB at D = 384, patch 32: it stays in L2 while the tile's
-// patches stream past), run by run of patches.
+// Whether embed_direct splits the weight's panels over the threads, each packing its own panels and running them
+// over every patch, rather than splitting the patches: where the panels divide evenly over the threads and the
+// batch's pixels are at most kPanelsPixelRatio times the weight's bytes. Split by patches, every thread streams the
+// whole weight once per tile; split by panels, each reads its share once, packed by itself (still in its cache), and
+// the pixels, the smaller operand, once per panel. Either way each output element is the same FMA chain, so the
+// results are bitwise the same. Measured on a 2-core Intel Xeon (AVX-512), 2 threads, fp32, paired calls
+// (benchmarks/results/embed-by-panels-cpu-2core-intel.txt): patch 32, D = 384 and 768: 1.28-1.31x at B = 1,
+// 1.21-1.22x at B = 2, 1.04-1.09x at B = 4..32, 0.98-0.99x at B = 128; patch 16: 0.99-1.05x up to B = 16, 0.85-0.93x
+// at B = 64; D = 192 (3 panels on 2 threads): 0.82-0.89x from B = 2.
+constexpr int64_t kPanelsPixelRatio = 4;
+
+bool by_panels(const EmbedShape& s, int64_t elem_bytes, int64_t threads) {
+  const int64_t Q = cpu::patch_gemm::panels(s.D), K = s.C * s.P * s.P;
+  const int64_t pixels = s.B * s.N * K * elem_bytes, weight = s.D * K * elem_bytes;
+  return threads >= 1 && Q % threads == 0 && pixels <= kPanelsPixelRatio * weight;
+}
+
+// fp32 and bf16 with unit W stride on AVX-512 CPUs: pixels straight from the image (patch_gemm.h). Split by patches
+// (see by_panels): panel by panel of the weight (kPanel output columns, ~768 KiB at D = 384, patch 32: it stays in
+// L2 while the tile's patches stream past), run by run of patches.
 template <typename scalar_t>
 void embed_direct(const at::Tensor& x, const at::Tensor& w2d, const Plan<float>& plan, const EmbedShape& s,
                   at::Tensor& out) {
@@ -103,11 +121,26 @@ void embed_direct(const at::Tensor& x, const at::Tensor& w2d, const Plan<float>&
   const int64_t D = s.D, P = s.P, K = s.C * P * P, Q = pg::panels(D), panel = K * pg::kPanel;
   at::Tensor wp = at::empty({Q * panel}, x.options().memory_format(at::MemoryFormat::Contiguous));
   scalar_t* wpp = static_cast<scalar_t*>(wp.data_ptr());
-  pg::pack(static_cast<const scalar_t*>(w2d.data_ptr()), D, K, wpp);
+  const auto* wsrc = static_cast<const scalar_t*>(w2d.data_ptr());
   const auto* xp = static_cast<const scalar_t*>(x.const_data_ptr());
   const int64_t sB = x.stride(0), sC = x.stride(1), sH = x.stride(2);
   scalar_t* op = static_cast<scalar_t*>(out.data_ptr());
   const float* add = plan.add.data();
+  if (by_panels(s, static_cast<int64_t>(sizeof(scalar_t)), at::get_num_threads())) {
+    at::parallel_for(0, Q, 1, [&](int64_t q0, int64_t q1) {  // Q / threads panels each
+      for (int64_t q = q0; q < q1; ++q) {
+        pg::pack_panel(wsrc, D, K, q, wpp + q * panel);
+        const int64_t d0 = q * pg::kPanel, cols = std::min(pg::kPanel, D - d0);
+        for_each_run(s, 0, plan.rows, [&](int64_t b, int64_t n, int64_t j, int64_t m) {
+          const scalar_t* px = xp + b * sB + (n / s.Wp) * P * sH + j * P;
+          scalar_t* dst = op + (b * s.T + s.t0 + n) * D + d0;
+          pg::run(px, sC, sH, P, s.C, m, wpp + q * panel, cols, add + n * D + d0, D, dst, D);
+        });
+      }
+    });
+    return;
+  }
+  pg::pack(wsrc, D, K, wpp);
   at::parallel_for(0, plan.slots, 1, [&](int64_t s0, int64_t s1) {
     for (int64_t tile = s0 * plan.per_slot; tile < s1 * plan.per_slot; ++tile) {
       for (int64_t q = 0; q < Q; ++q) {
@@ -266,6 +299,16 @@ void embed_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optiona
 
 bool embed_tokens_cpu_direct(const at::Tensor& x, int64_t patch) {
   return cpu::patch_gemm::reads(x, patch);
+}
+
+bool embed_tokens_cpu_by_panels(const at::Tensor& x, int64_t width, int64_t patch) {
+  TORCH_CHECK(x.dim() == 4 && patch > 0 && width > 0,
+              "embed_tokens_cpu_by_panels: expected x [B, C, H, W] and a positive width and patch, got x of ", x.dim(),
+              " dims, width ", width, ", patch ", patch);
+  if (!embed_tokens_cpu_direct(x, patch) || embed_tokens_cpu_amx(x, patch)) return false;
+  EmbedShape s{};
+  s.B = x.size(0), s.C = x.size(1), s.P = patch, s.D = width, s.N = (x.size(2) / patch) * (x.size(3) / patch);
+  return by_panels(s, x.element_size(), at::get_num_threads());
 }
 
 bool embed_tokens_cpu_amx(const at::Tensor& x, int64_t patch) { return cpu::amx::reads(x, patch); }

@@ -32,6 +32,15 @@ void pack_all(const T* w, int64_t D, int64_t K, T* dst) {
 
 void pack(const float* w, int64_t D, int64_t K, float* dst) { pack_all(w, D, K, dst); }
 
+void pack_panel(const float* w, int64_t D, int64_t K, int64_t q, float* dst) {
+  simd::pack_panel32(w, D, K, kPanel, q, dst);
+}
+
+void pack_panel(const c10::BFloat16* w, int64_t D, int64_t K, int64_t q, c10::BFloat16* dst) {
+  TORCH_CHECK(K % 2 == 0, "mcl_kernels: bf16 weight panels pair k, so K must be even");
+  simd::pack_panel32(w, D, K / 2, kPanel, q, dst);
+}
+
 void pack(const c10::BFloat16* w, int64_t D, int64_t K, c10::BFloat16* dst) {
   TORCH_CHECK(K % 2 == 0, "mcl_kernels: bf16 weight panels pair k, so K must be even");
   pack_all(w, D, K, dst);

@@ -45,6 +45,9 @@ void for_each_block(int64_t n, F&& f) {
 // panels are VNNI pairs: element (k, j) of a panel at ((k / 2) * kPanel + j) * 2 + k % 2.
 void pack(const float* w, int64_t D, int64_t K, float* dst);
 void pack(const c10::BFloat16* w, int64_t D, int64_t K, c10::BFloat16* dst);
+// Panel q alone, on the calling thread, into dst (that panel's [K][kPanel] block).
+void pack_panel(const float* w, int64_t D, int64_t K, int64_t q, float* dst);
+void pack_panel(const c10::BFloat16* w, int64_t D, int64_t K, int64_t q, c10::BFloat16* dst);
 
 // out[r, 0:cols] (row stride ldo) for r < rows (1..kMaxRows), with cols (1..kPanel) of panel `b`:
 //   out[r, :] = init[r, :] + sum over c < C, u < P, v < P of px[c*sC + u*sH + r*P + v] * b[k, :],

@@ -223,16 +223,18 @@ void transpose32(const void* src, int64_t lds, int64_t M, int64_t N, void* dst, 
   transpose32_scalar(static_cast<const uint32_t*>(src), lds, M, N, static_cast<uint32_t*>(dst), ldd);
 }
 
-void pack_panels32(const void* w, int64_t D, int64_t K32, int64_t width, void* dst) {
+void pack_panel32(const void* w, int64_t D, int64_t K32, int64_t width, int64_t q, void* dst) {
   const auto* src = static_cast<const uint32_t*>(w);
+  auto* panel = static_cast<uint32_t*>(dst);
+  const int64_t d0 = q * width, cols = std::min(width, D - d0);
+  if (cols < width) std::memset(panel, 0, sizeof(uint32_t) * K32 * width);
+  transpose32(src + d0 * K32, K32, cols, K32, panel, width);  // word (k32, j) = word k32 of row d0 + j
+}
+
+void pack_panels32(const void* w, int64_t D, int64_t K32, int64_t width, void* dst) {
   auto* out = static_cast<uint32_t*>(dst);
   at::parallel_for(0, (D + width - 1) / width, 1, [&](int64_t q0, int64_t q1) {
-    for (int64_t q = q0; q < q1; ++q) {
-      uint32_t* panel = out + q * K32 * width;
-      const int64_t d0 = q * width, cols = std::min(width, D - d0);
-      if (cols < width) std::memset(panel, 0, sizeof(uint32_t) * K32 * width);
-      transpose32(src + d0 * K32, K32, cols, K32, panel, width);  // word (k32, j) = word k32 of row d0 + j
-    }
+    for (int64_t q = q0; q < q1; ++q) pack_panel32(w, D, K32, width, q, out + q * K32 * width);
   });
 }
 

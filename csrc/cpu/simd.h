@@ -18,6 +18,8 @@ void transpose32(const void* src, int64_t lds, int64_t M, int64_t N, void* dst, 
 // column panels of `width` rows: panel q holds rows [q*width, (q+1)*width) transposed, dst + q*K32*width =
 // [K32][width], zeros past D. In parallel over panels (at::parallel_for).
 void pack_panels32(const void* w, int64_t D, int64_t K32, int64_t width, void* dst);
+// Panel q alone, on the calling thread, at dst (the panel's own start).
+void pack_panel32(const void* w, int64_t D, int64_t K32, int64_t width, int64_t q, void* dst);
 
 // Transposes with a conversion to bf16 (fp32 source) or without (bf16 source).
 void transpose_to_bf16(const float* src, int64_t lds, int64_t M, int64_t N, c10::BFloat16* dst, int64_t ldd);
