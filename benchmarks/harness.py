@@ -74,10 +74,28 @@ def interleaved_seconds(fns: Dict[str, Callable[[], object]], device: torch.devi
     return times
 
 
-def measure_mm_peak(device: torch.device, dtype: torch.dtype, warmup: int = 2, repeats: int = 7) -> float:
-    """GFLOP/s of a large square ``torch.mm``: the practical roofline for GEMM-bound work here. Into a
-    preallocated output, so a fresh result's page faults are not timed as GEMM."""
+def mm_peak_size(device: torch.device, dtype: torch.dtype, max_call_s: float = 1.0) -> int:
+    """The side of the square ``torch.mm`` that :func:`measure_mm_peak` times: 4096 on a GPU, 3072 on a CPU, or
+    smaller where this dtype is so slow that one call would outlast ``max_call_s`` (estimated from a 512 call):
+    CPUs without bf16 GEMM instructions run torch's bf16 mm at about 1 GFLOP/s (an AMD EPYC with AVX2 only,
+    torch 2.14), where a 3072 call takes a minute."""
     n = 4096 if device.type == "cuda" else 3072
+    if device.type == "cuda":
+        return n
+    a = torch.randn(512, 512, dtype=dtype)
+    torch.mm(a, a)
+    start = time.perf_counter()
+    torch.mm(a, a)
+    rate = 2 * 512 ** 3 / max(time.perf_counter() - start, 1e-9)  # FLOP/s
+    while n > 512 and 2 * n ** 3 / rate > max_call_s:
+        n -= 256
+    return n
+
+
+def measure_mm_peak(device: torch.device, dtype: torch.dtype, warmup: int = 2, repeats: int = 7) -> float:
+    """GFLOP/s of a large square ``torch.mm`` (side :func:`mm_peak_size`): the practical roofline for GEMM-bound
+    work here. Into a preallocated output, so a fresh result's page faults are not timed as GEMM."""
+    n = mm_peak_size(device, dtype)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     c = torch.empty(n, n, device=device, dtype=dtype)
