@@ -41,7 +41,8 @@ at::Tensor embed_tokens_cpu(const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& pos_embed, const EmbedShape& s);
 
 // Whether embed_tokens_cpu reads x's pixels directly (cpu/patch_gemm.h) rather than through a patch matrix:
-// float32 or bfloat16 with unit W stride, on a CPU with AVX-512 (and AVX512-BF16 and an even patch for bfloat16).
+// float32 or bfloat16 with unit W stride, on a CPU with AVX2 and FMA or AVX-512 (AVX512-BF16 and an even patch for
+// bfloat16): patch_gemm::reads.
 bool embed_tokens_cpu_direct(const at::Tensor& x, int64_t patch);
 
 // Whether embed_tokens_cpu runs x through the AMX tile kernels (cpu/amx_patch_gemm.h) instead: bfloat16 with unit

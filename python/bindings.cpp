@@ -2,6 +2,7 @@
 // CMake build links the kernels without Python). Argument validation lives in csrc/, not here.
 #include <torch/csrc/utils/pybind.h>
 
+#include "cpu/patch_gemm.h"
 #include "cpu/phases.h"
 #include "embed_tokens.h"
 #include "mcl_embed.h"
@@ -46,9 +47,9 @@ R [B, grid_h*grid_w, D] or None).)doc");
         py::call_guard<py::gil_scoped_release>(),
         R"doc(Gradients of mcl_compress for (tokens, comp_w, comp_b, decomp_w, decomp_b); needs: 5 flags.)doc");
   m.def("embed_tokens_cpu_direct", &mcl::embed_tokens_cpu_direct, py::arg("x"), py::arg("patch"),
-        R"doc(Whether embed_tokens on the CPU reads x's pixels directly (AVX-512 micro-kernels) rather than through a
-patch matrix and brgemm: float32, or bfloat16 with an even patch, with unit W stride, on a CPU that has AVX-512F
-(and AVX512-BF16 for bfloat16).)doc");
+        R"doc(Whether embed_tokens on the CPU reads x's pixels directly (AVX-512 or AVX2 micro-kernels) rather than
+through a patch matrix and brgemm: float32 on a CPU with AVX2 and FMA (or AVX-512F), or bfloat16 with an even patch
+on one with AVX512-BF16 (and patch_gemm_isa() "avx512"); unit W stride only.)doc");
   m.def("embed_tokens_cpu_by_panels", &mcl::embed_tokens_cpu_by_panels, py::arg("x"), py::arg("width"),
         py::arg("patch"),
         "Whether the CPU embed_tokens' direct path splits the weight's panels over the threads (small batches, panels "
@@ -56,6 +57,24 @@ patch matrix and brgemm: float32, or bfloat16 with an even patch, with unit W st
   m.def("embed_tokens_cpu_amx", &mcl::embed_tokens_cpu_amx, py::arg("x"), py::arg("patch"),
         "Whether the CPU embed_tokens runs x on the AMX tile kernels (bf16, unit W stride, patch a multiple of 16, "
         "a CPU with AMX-BF16).");
+  m.def(
+      "patch_gemm_isa", [] { return std::string(mcl::cpu::patch_gemm::isa_name(mcl::cpu::patch_gemm::isa())); },
+      R"doc(The instruction set the CPU's direct patch kernels (cpu/patch_gemm.h) run with: "avx512", "avx2" or "none"
+(then the patch-matrix path runs instead).)doc");
+  m.def(
+      "set_patch_gemm_isa",
+      [](const std::string& name) {
+        namespace pg = mcl::cpu::patch_gemm;
+        const pg::Isa all[] = {pg::Isa::kNone, pg::Isa::kAvx2, pg::Isa::kAvx512};
+        for (const pg::Isa isa : all) {
+          if (name == pg::isa_name(isa)) return pg::set_isa(isa);
+        }
+        TORCH_CHECK(false, "set_patch_gemm_isa: expected \"avx512\", \"avx2\" or \"none\", got \"", name, "\"");
+      },
+      py::arg("isa"),
+      R"doc(Run the direct patch kernels with a lesser instruction set than the CPU's best ("avx2" on an AVX-512 CPU,
+"none" for the patch-matrix path), or back with the best; raises where the CPU lacks it. For tests and benchmarks:
+process-wide, not thread-safe against running kernels. Both ISAs' kernels give bitwise the same results.)doc");
   m.def("cpu_phases_enable", &mcl::cpu::phases::set_enabled, py::arg("on"),
         R"doc(Switch the per-phase timers of the CPU training kernels (mcl_embed, mcl_compress) on or off (off at import).
 While on, every phase adds its duration, summed over threads, to a counter: see cpu_phases_take and

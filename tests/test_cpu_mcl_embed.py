@@ -315,6 +315,40 @@ def test_weight_gradient_from_the_pixels_bitwise_across_threads_and_agrees_with_
     assert_close("dE, pixels vs reference", direct[1], want[1].float(), atol=atol, rtol=1e-5)
 
 
+@pytest.fixture
+def isas():
+    """The ISAs the patch kernels can be set to on this CPU, best first ("none": the im2col path); the best is set
+    again afterwards."""
+    best = _C.patch_gemm_isa()
+    order = ["avx512", "avx2", "none"]
+    yield order[order.index(best):]
+    _C.set_patch_gemm_isa(best)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[4], SHAPES[5], SHAPES[6], (2, 1, 32, 64, 16, 2, 40),
+                                   (1, 2, 28, 28, 4, 7, 24)], ids=shape_id)
+def test_every_isa_forward_and_backward_alike(shape, isas):
+    """The training op with the patch kernels of every ISA this CPU has (AVX-512, AVX2, none: S and dE through the
+    im2col tile): outputs and every gradient within fp32 rounding of the float64 reference; the direct kernels'
+    ISAs bitwise alike (each output element the same FMA chain). Shapes: rows of 5 + 5 patches and of 7 (k = 7),
+    and dE's blocks of 6 and 7 rows at D = 40 (the AVX2 kernels split 7 as 4 + 3), ragged 16-column chunks (D = 20,
+    40, 72), patch 16 and 32 (dE from the pixels)."""
+    inputs = make_inputs(shape, "untied")
+    ups = upstream(_C.mcl_embed(*inputs[:7], inputs[7]))
+    results = {}
+    for isa in isas:
+        _C.set_patch_gemm_isa(isa)
+        out = _C.mcl_embed(*inputs[:7], inputs[7])
+        grads = _C.mcl_embed_backward(*ups, *inputs[:7], out[0], out[1], inputs[7], needs_for(inputs))
+        want_out, want = reference_forward_backward(inputs, out, ups, needs_for(inputs), torch.float64)
+        atol = fp32_atol(inputs, out[0].shape[0] * out[0].shape[1])
+        check_all(f"{shape_id(shape)} {isa}", out, grads, want_out, want, atol, 1e-5, torch.float32)
+        results[isa] = [*out, *grads]
+    if "avx512" in results:
+        for i, (a, b) in enumerate(zip(results["avx512"], results["avx2"])):
+            assert (a is None and b is None) or torch.equal(a, b), f"result {i}: AVX-512 and AVX2 kernels differ"
+
+
 def test_across_thread_counts_small_batch_equal_to_rounding():
     """12 large rows: one tile at 1 thread, one per thread at 2, so the weight-gradient sums regroup."""
     inputs = make_inputs(SHAPES[2], "untied")

@@ -130,19 +130,84 @@ def _cpu_flags():
         return None
 
 
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or _cpu_flags() is None,
-                    reason="the direct kernels are x86-64 AVX-512 code; the CPU's flags come from /proc/cpuinfo")
-def test_direct_kernel_runs_where_the_cpu_has_avx512():
+def _best_isa(flags):
+    return "avx512" if "avx512f" in flags else "avx2" if {"avx2", "fma"} <= flags else "none"
+
+
+on_x86_with_flags = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or _cpu_flags() is None,
+                                       reason="the direct kernels are x86-64 code; the CPU's flags come from "
+                                              "/proc/cpuinfo")
+
+
+@on_x86_with_flags
+def test_direct_kernel_runs_where_the_cpu_has_the_instructions():
     """The direct path (pixels straight from the image) is taken exactly where the CPU has the instructions and
-    the input suits it: fp32 with AVX-512F, bf16 with AVX512-BF16 and an even patch, unit W stride only."""
+    the input suits it: fp32 with AVX2 + FMA or AVX-512F, bf16 with AVX512-BF16 and an even patch, unit W stride
+    only."""
     flags = set(_cpu_flags())
+    assert _C.patch_gemm_isa() == _best_isa(flags)
     x = torch.zeros(1, 3, 8, 8)
-    assert _C.embed_tokens_cpu_direct(x, 4) == ("avx512f" in flags)
+    assert _C.embed_tokens_cpu_direct(x, 4) == (_best_isa(flags) != "none")
     assert _C.embed_tokens_cpu_direct(x.bfloat16(), 4) == ("avx512f" in flags and "avx512_bf16" in flags)
     assert not _C.embed_tokens_cpu_direct(x.bfloat16(), 1)  # odd patch: bf16 pairs would straddle patches
     assert not _C.embed_tokens_cpu_direct(x.contiguous(memory_format=torch.channels_last), 4)
     assert not _C.embed_tokens_cpu_direct(x.half(), 4)
     assert not _C.embed_tokens_cpu_direct(x.double(), 4)
+
+
+def _isas_here():
+    """The ISAs the patch kernels can be set to on this CPU, best first ("none": the patch-matrix path)."""
+    order = ["avx512", "avx2", "none"]
+    return order[order.index(_C.patch_gemm_isa()):]
+
+
+@pytest.fixture
+def restore_isa():
+    best = _C.patch_gemm_isa()
+    yield
+    _C.set_patch_gemm_isa(best)
+
+
+@on_x86_with_flags
+def test_patch_gemm_isa_can_be_lowered_not_raised(restore_isa):
+    """set_patch_gemm_isa takes every ISA up to the CPU's best and refuses the rest by name; with "none" (or bf16
+    on a CPU without AVX512-BF16, or any bf16 under "avx2") the direct path is off."""
+    best = _C.patch_gemm_isa()
+    x = torch.zeros(1, 3, 8, 8)
+    for isa in _isas_here():
+        _C.set_patch_gemm_isa(isa)
+        assert _C.patch_gemm_isa() == isa
+        assert _C.embed_tokens_cpu_direct(x, 4) == (isa != "none")
+        if isa != "avx512":
+            assert not _C.embed_tokens_cpu_direct(x.bfloat16(), 4)
+    for isa in ["avx512", "avx2"][:["avx512", "avx2", "none"].index(best)]:
+        with pytest.raises(RuntimeError, match=f"cannot run {isa} kernels on this CPU"):
+            _C.set_patch_gemm_isa(isa)
+    with pytest.raises(RuntimeError, match='expected "avx512", "avx2" or "none", got "sse"'):
+        _C.set_patch_gemm_isa("sse")
+
+
+# Shapes for the ISAs' kernels: patch rows of 1..7 patches and 9 (5 + 4: the AVX2 kernels split 7 rows as 4 + 3),
+# widths with ragged 16-column chunks (D = 7, 24, 40, 100 = 64 + 36) and several panels (130 = 64 + 64 + 2).
+ISA_SHAPES = [(2, 3, 28, 42, 24, 14), (3, 3, 16, 36, 100, 4), (2, 2, 12, 20, 7, 4), (1, 3, 8, 56, 130, 8),
+              (2, 1, 16, 16, 40, 16)]
+
+
+@on_x86_with_flags
+@pytest.mark.parametrize("shape", ISA_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_every_isa_embeds_alike(shape, restore_isa):
+    """embed_tokens (fp32) with the patch kernels of every ISA this CPU has: each within fp32 rounding of the
+    float64 reference, and the direct kernels (AVX-512, AVX2) bitwise alike: they run each output element as the
+    same FMA chain."""
+    inputs = make_inputs(shape, "bias+cls+pos", "sliced")
+    exact = reference(*to64(*inputs)).float()
+    outs = {}
+    for isa in _isas_here():
+        _C.set_patch_gemm_isa(isa)
+        outs[isa] = embed(*inputs)
+        assert_close(f"embed_tokens, {isa}", outs[isa], exact, atol=1e-4, rtol=1e-4)
+    if "avx512" in outs:
+        assert torch.equal(outs["avx512"], outs["avx2"]), "the AVX-512 and AVX2 kernels differ"
 
 
 @pytest.mark.parametrize("threads", [1, 2])

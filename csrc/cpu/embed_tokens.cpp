@@ -3,8 +3,8 @@
 // weight's panels over the threads instead (by_panels). bf16 images with unit W stride and a patch
 // that is a multiple of 16, on CPUs with AMX, go through amx_patch_gemm.h's tile kernels (embed_tokens_cpu_amx);
 // otherwise two ways through a tile:
-//   direct (fp32 and bf16 images with unit W stride, AVX-512 CPUs; embed_tokens_cpu_direct): patch_gemm.h's
-//     micro-kernels read the pixels straight from the image, no patch matrix at all;
+//   direct (unit W stride; fp32 on AVX2 or AVX-512 CPUs, bf16 on AVX512-BF16 ones; embed_tokens_cpu_direct):
+//     patch_gemm.h's micro-kernels read the pixels straight from the image, no patch matrix at all;
 //   tiles (any dtype and strides, any CPU): the patches copied into a cache-sized patch matrix (implicit im2col:
 //     no [B*N, C*P*P] tensor), multiplied by the weight with tile_gemm.h's single-threaded brgemm.
 // fp32 accumulates in the output rows in place; bf16 in fp32, rounded once into the output. The class-token row
@@ -82,7 +82,7 @@ struct Plan {
   int64_t row1(int64_t tile) const { return (tile + 1) * units / ntiles * unit; }
 };
 
-// Calls f(b, n, j, m) for runs of m <= kMaxRows consecutive patches (n .. n + m - 1 of image b, starting at
+// Calls f(b, n, j, m) for runs of m <= patch_gemm::max_rows() consecutive patches (n .. n + m - 1 of image b, starting at
 // column j of their patch row) covering rows [r0, r1).
 template <typename F>
 void for_each_run(const EmbedShape& s, int64_t r0, int64_t r1, F&& f) {
@@ -111,9 +111,9 @@ bool by_panels(const EmbedShape& s, int64_t elem_bytes, int64_t threads) {
   return threads >= 1 && Q % threads == 0 && pixels <= kPanelsPixelRatio * weight;
 }
 
-// fp32 and bf16 with unit W stride on AVX-512 CPUs: pixels straight from the image (patch_gemm.h). Split by patches
-// (see by_panels): panel by panel of the weight (kPanel output columns, ~768 KiB at D = 384, patch 32: it stays in
-// L2 while the tile's patches stream past), run by run of patches.
+// fp32 (AVX2, AVX-512) and bf16 (AVX512-BF16) with unit W stride: pixels straight from the image (patch_gemm.h).
+// Split by patches (see by_panels): panel by panel of the weight (kPanel output columns, ~768 KiB at D = 384, patch 32:
+// it stays in L2 while the tile's patches stream past), run by run of patches.
 template <typename scalar_t>
 void embed_direct(const at::Tensor& x, const at::Tensor& w2d, const Plan<float>& plan, const EmbedShape& s,
                   at::Tensor& out) {

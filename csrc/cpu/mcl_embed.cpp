@@ -10,7 +10,8 @@
 //   R = ungroup(L W_d^T + b_d) (GEMM + scatter into the output R)
 // on buffers of one tile (kForwardTileTokens), tiles dealt to threads as they free up (for_each_item), GEMMs through
 // tile_gemm.h (oneDNN brgemm, single-threaded). Nothing of batch size is allocated but the outputs. For fp32 and
-// bf16 images with unit W stride on AVX-512 CPUs, S is computed from the pixels straight into the output by
+// bf16 images with unit W stride on CPUs with the patch kernels (patch_gemm::reads: AVX2 or AVX-512 for fp32,
+// AVX512-BF16 for bf16), S is computed from the pixels straight into the output by
 // patch_gemm.h's kernels instead (no im2col tile; 2-4% faster forward at D = 384, B = 64), and G gathered from it;
 // bf16 with p a multiple of 16 on CPUs with AMX, by amx_patch_gemm.h's tile kernels (S: 65 -> 14 thread-ms there).
 //
@@ -20,7 +21,7 @@
 //   gS' = gS (tile order) + gl W_c:  dE += gS'^T A, db_s += colsum gS',  gx = col2im(gS' E)
 // Recomputed rather than stored: the im2col tile A (a copy of pixels: rebuilding it from x costs one pass over
 // the image, keeping it would cost a [B*Ns, C*p*p] tensor, as large as x, alive from forward to backward; for
-// fp32 images with unit W stride and p a multiple of 16 on AVX-512 CPUs not even rebuilt: dE's kernel reads the
+// fp32 images with unit W stride and p a multiple of 16 on AVX2/AVX-512 CPUs not even rebuilt: dE's kernel reads the
 // pixels from x, patch_gemm.h, which saves the im2col's ~2% of the thread time, 3-4x that in the host's slow
 // phases, and its 1.5 MB stack at D = 384) and
 // G (a re-ordering of the saved S). No GEMM is recomputed: S and L are outputs the model holds anyway, and R

@@ -1,13 +1,15 @@
-// patch_gemm.h: the AVX-512 kernels, one per (rows, vectors) shape so that the accumulators live in registers.
+// patch_gemm.h: the AVX-512 kernels (patch_gemm_avx2.cpp: the AVX2 ones), one per (rows, vectors) shape so that the accumulators live in registers.
 #include "patch_gemm.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 
 #include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 
+#include "patch_gemm_avx2.h"
 #include "simd.h"
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
@@ -30,9 +32,23 @@ void pack_all(const T* w, int64_t D, int64_t K, T* dst) {
 
 }  // namespace
 
-void pack(const float* w, int64_t D, int64_t K, float* dst) { pack_all(w, D, K, dst); }
+// fp32 panels for the AVX2 kernels: kPanel / avx2::kChunk sub-panels of [K][kChunk] each (patch_gemm_avx2.h). As
+// 16-column panels of their own, looped over outermost by the callers, they measured 0.93-1.12x the patch-matrix
+// path's embed_tokens against 1.09-1.23x as sub-panels (B = 16, D = 384, patch 16 and 32, one thread, AMD EPYC Zen
+// 3, two runs each): the pixels are then read once per 64 columns, not per 16.
+void pack(const float* w, int64_t D, int64_t K, float* dst) {
+  simd::pack_panels32(w, D, K, isa() == Isa::kAvx2 ? avx2::kChunk : kPanel, dst);  // sub-panel j of panel q: 4q + j
+}
 
 void pack_panel(const float* w, int64_t D, int64_t K, int64_t q, float* dst) {
+  if (isa() == Isa::kAvx2) {
+    constexpr int64_t kSub = kPanel / avx2::kChunk;
+    const int64_t subs = (D + avx2::kChunk - 1) / avx2::kChunk;
+    for (int64_t j = 0; j < kSub && q * kSub + j < subs; ++j) {
+      simd::pack_panel32(w, D, K, avx2::kChunk, q * kSub + j, dst + j * K * avx2::kChunk);
+    }
+    return;
+  }
   simd::pack_panel32(w, D, K, kPanel, q, dst);
 }
 
@@ -75,32 +91,6 @@ MCL_AVX512F inline void fma(__m512& acc, __m512 w, __m512 x, float) { acc = _mm5
 // bf16: acc += x[0] * w[2i] + x[1] * w[2i + 1] per fp32 lane i (x: one pixel pair broadcast as a 32-bit word).
 MCL_AVX512F inline void fma(__m512& acc, __m512 w, __m512 x, c10::BFloat16) {
   asm("vdpbf16ps %[x], %[w], %[acc]" : [acc] "+v"(acc) : [w] "v"(w), [x] "v"(x));
-}
-
-// The pixels are prefetched kAheadSteps k steps (weight rows) before their use, a whole image row of the R
-// patches at a time: the hardware prefetchers do not keep up with the R interleaved streams. One thread, patch 32,
-// fp32, pixels streamed from memory: 88% of the FMA limit without, 97% with (99% either way with the pixels in
-// cache). In the ops (2 threads, B = 64, D = 384): inference 1.5-6% faster, mcl_embed's S 90% -> 93% (fp32), 88% ->
-// 90% (bf16); 64 to 128 steps measured the same, 32 slower in the inference op
-// (benchmarks/results/patch-gemm-prefetch-cpu-2core.txt).
-constexpr int64_t kAheadSteps = 64;
-
-// The weight panel is prefetched kWeightAheadSteps k steps ahead too (it streams from L2: ~768 KiB at patch 32). On
-// the Intel Xeon (two FMA ports, so twice the weight bytes per cycle of Zen 4), one thread, one 7-patch run at
-// patch 32: 78% -> 83% of the FMA limit; 8 to 32 steps measured the same
-// (benchmarks/results/patch-gemm-broadcast-cpu-2core.txt).
-constexpr int64_t kWeightAheadSteps = 16;
-
-// Prefetches image row u of channel c (a row past P is a row of channel c + 1) of the R patches at px.
-template <typename T, int R>
-inline void prefetch_row(const T* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t c, int64_t u) {
-  c += u / P, u %= P;
-  if (c >= C) return;
-  const T* a = px + c * sC + u * sH;
-  const auto end = reinterpret_cast<uintptr_t>(a + R * P);
-  for (auto l = reinterpret_cast<uintptr_t>(a) & ~uintptr_t(63); l < end; l += 64) {
-    __builtin_prefetch(reinterpret_cast<const void*>(l), 0, 3);
-  }
 }
 
 // R rows x V vectors of output; `last` masks the last vector's columns. fp32 walks k one at a time; bf16 in
@@ -250,18 +240,53 @@ void run_weight_grad(const float* a, int64_t lda, int64_t rows, const float* con
                      const int64_t* off, float* out, int64_t ldo) {
   TORCH_CHECK(available(c10::kFloat, 16) && rows >= 1 && rows <= kMaxRows && n >= 0,
               "mcl_kernels: patch_gemm::run_weight_grad called outside its contract");
+  if (isa() == Isa::kAvx2) {
+    avx2::run_weight_grad(a, lda, rows, tok, n, off, out, ldo);
+    return;
+  }
   weight_grad_table(rows)(a, lda, tok, n, off, out, ldo);
 }
 
+namespace {
+
+Isa detected() {
+  static const Isa isa = __builtin_cpu_supports("avx512f")                                     ? Isa::kAvx512
+                         : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? Isa::kAvx2
+                                                                                               : Isa::kNone;
+  return isa;
+}
+
+std::atomic<Isa>& selected() {
+  static std::atomic<Isa> isa{detected()};
+  return isa;
+}
+
+}  // namespace
+
+Isa isa() { return selected().load(std::memory_order_relaxed); }
+
+Isa detected_isa() { return detected(); }
+
+void set_isa(Isa want) {
+  TORCH_CHECK(static_cast<int>(want) <= static_cast<int>(detected()), "mcl_kernels: patch_gemm cannot run ",
+              isa_name(want), " kernels on this CPU (it has ", isa_name(detected()), ")");
+  selected().store(want, std::memory_order_relaxed);
+}
+
 bool available(c10::ScalarType dtype, int64_t P) {
-  static const bool f32 = __builtin_cpu_supports("avx512f");
-  static const bool bf16 = f32 && __builtin_cpu_supports("avx512bf16");
-  if (dtype == c10::kFloat) return f32;
-  return dtype == c10::kBFloat16 && bf16 && P % 2 == 0;
+  static const bool bf16 = __builtin_cpu_supports("avx512bf16");
+  if (dtype == c10::kFloat) return isa() != Isa::kNone;
+  return dtype == c10::kBFloat16 && isa() == Isa::kAvx512 && bf16 && P % 2 == 0;
 }
 
 void run(const float* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t rows, const float* b, int64_t cols,
          const float* init, int64_t ldi, float* out, int64_t ldo) {
+  if (isa() == Isa::kAvx2) {
+    TORCH_CHECK(rows >= 1 && rows <= kMaxRows && cols >= 1 && cols <= kPanel,
+                "mcl_kernels: patch_gemm::run called outside its contract");
+    avx2::run(px, sC, sH, P, C, rows, b, cols, init, ldi, out, ldo);
+    return;
+  }
   dispatch(px, sC, sH, P, C, rows, b, cols, init, ldi, out, ldo);
 }
 
@@ -274,16 +299,21 @@ void run(const c10::BFloat16* px, int64_t sC, int64_t sH, int64_t P, int64_t C, 
 
 #else
 
+Isa isa() { return Isa::kNone; }
+Isa detected_isa() { return Isa::kNone; }
+void set_isa(Isa want) {
+  TORCH_CHECK(want == Isa::kNone, "mcl_kernels: patch_gemm has no ", isa_name(want), " kernels on this CPU");
+}
 bool available(c10::ScalarType, int64_t) { return false; }
 
 void run_weight_grad(const float*, int64_t, int64_t, const float* const*, int64_t, const int64_t*, float*,
                      int64_t) {
-  TORCH_CHECK(false, "mcl_kernels: patch_gemm needs an x86-64 CPU with AVX-512F");
+  TORCH_CHECK(false, "mcl_kernels: patch_gemm needs an x86-64 CPU with AVX2 and FMA, or AVX-512F");
 }
 
 void run(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t,
          float*, int64_t) {
-  TORCH_CHECK(false, "mcl_kernels: patch_gemm needs an x86-64 CPU with AVX-512F");
+  TORCH_CHECK(false, "mcl_kernels: patch_gemm needs an x86-64 CPU with AVX2 and FMA, or AVX-512F");
 }
 
 void run(const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, int64_t, const c10::BFloat16*, int64_t,

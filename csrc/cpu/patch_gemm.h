@@ -1,5 +1,6 @@
-// Patch-embedding GEMMs with the im2col folded in: AVX-512 micro-kernels (fp32 FMA, bf16 dot products) that read
-// pixels straight from the image. Used by embed_tokens (inference) and mcl_embed's forward (S).
+// Patch-embedding GEMMs with the im2col folded in: micro-kernels (AVX-512: fp32 FMA and bf16 dot products; AVX2 + FMA:
+// fp32, patch_gemm_avx2.h) that read pixels straight from the image. Used by embed_tokens (inference), mcl_embed's
+// forward (S) and its backward (dE).
 //
 // For one patch row of the image and one channel c, the P x P patches j0 .. j0 + m - 1 (consecutive along W)
 // cover image rows y = i*P + u, columns [j0*P, (j0 + m)*P): patch j's pixels (c, u, v) sit at
@@ -8,8 +9,9 @@
 // the patch matrix is never built, and each output element is one FMA chain over k in that fixed order, so
 // the result does not depend on how rows are split into calls or threads.
 //
-// Weight panels: panel q holds columns [q*kPanel, (q+1)*kPanel) of W^T [K, D] as [K][kPanel] rows (zeros past
-// D), so a k step loads kPanel/16 contiguous vectors.
+// Weight panels: panel q holds columns [q*kPanel, (q+1)*kPanel) of W^T [K, D] as [K][kPanel] rows (zeros past D), so
+// a k step loads kPanel/16 contiguous vectors; for the AVX2 kernels (fp32) as kPanel/16 sub-panels of [K][16] each
+// (patch_gemm_avx2.h), the same bytes.
 #pragma once
 
 #include <cstdint>
@@ -23,8 +25,20 @@ namespace mcl::cpu::patch_gemm {
 constexpr int64_t kPanel = 64;  // output columns per panel: 4 AVX-512 vectors
 constexpr int64_t kMaxRows = 7;  // patches per call: 7 x 4 accumulators + 4 weight vectors = 32 registers
 
-// Whether the kernels run on this CPU for `dtype` and patch size P: float32 needs AVX-512F; bfloat16 needs
-// AVX512-BF16 and an even P (pixels pair as (v, v + 1) within a patch row). Compiled through target attributes.
+// The instruction set the kernels run with: the best this CPU has (detected_isa()), unless set_isa() chose a lesser
+// one (tests run the AVX2 kernels on AVX-512 CPUs that way). Both compute each output element as the same FMA chain
+// in the same order, so their results are bitwise the same.
+enum class Isa : int { kNone = 0, kAvx2 = 1, kAvx512 = 2 };
+inline const char* isa_name(Isa isa) {
+  return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "none";
+}
+Isa isa();
+Isa detected_isa();
+void set_isa(Isa isa);  // throws where the CPU lacks it
+
+// Whether the kernels run on this CPU for `dtype` and patch size P: float32 needs AVX2 and FMA (or AVX-512F);
+// bfloat16 needs AVX512-BF16 (and isa() AVX-512) and an even P (pixels pair as (v, v + 1) within a patch row).
+// Compiled through target attributes.
 bool available(c10::ScalarType dtype, int64_t P);
 
 // Whether the kernels can read the images x [B, C, H, W] for patch size P: available() for x's dtype, and a unit
@@ -33,19 +47,52 @@ bool reads(const at::Tensor& x, int64_t P);
 
 inline int64_t panels(int64_t D) { return (D + kPanel - 1) / kPanel; }
 
-// Calls f(first, m) for blocks [first, first + m) of at most kMaxRows covering [0, n), as even as they go
-// (9 -> 5 + 4, 14 -> 7 + 7, 16 -> 6 + 5 + 5): a short last block would run a kernel with few rows.
+// The most rows one call of the kernels computes at full speed with the selected ISA: kMaxRows with AVX-512, 6 with
+// AVX2 (whose kernels split 7 rows as 4 + 3, and a 3-row block runs well below a 6-row one).
+inline int64_t max_rows() { return isa() == Isa::kAvx2 ? 6 : kMaxRows; }
+
+// Calls f(first, m) for blocks [first, first + m) of at most max_rows() covering [0, n), as even as they go
+// (AVX-512: 9 -> 5 + 4, 14 -> 7 + 7, 16 -> 6 + 5 + 5): a short last block would run a kernel with few rows. Rows are
+// independent outputs, so the split changes no result.
 template <typename F>
 void for_each_block(int64_t n, F&& f) {
-  const int64_t parts = (n + kMaxRows - 1) / kMaxRows;
+  const int64_t most = max_rows(), parts = (n + most - 1) / most;
   for (int64_t h = 0; h < parts; ++h) f(n * h / parts, n * (h + 1) / parts - n * h / parts);
 }
 
-// All panels of the weight w [D, K] (row-major) into dst [panels(D)][K][kPanel], in parallel over panels. bf16
-// panels are VNNI pairs: element (k, j) of a panel at ((k / 2) * kPanel + j) * 2 + k % 2.
+// What the kernels of every ISA prefetch, and how far ahead.
+// The pixels are prefetched kAheadSteps k steps (weight rows) before their use, a whole image row of the R
+// patches at a time: the hardware prefetchers do not keep up with the R interleaved streams. One thread, patch 32,
+// fp32, pixels streamed from memory: 88% of the FMA limit without, 97% with (99% either way with the pixels in
+// cache). In the ops (2 threads, B = 64, D = 384): inference 1.5-6% faster, mcl_embed's S 90% -> 93% (fp32), 88% ->
+// 90% (bf16); 64 to 128 steps measured the same, 32 slower in the inference op
+// (benchmarks/results/patch-gemm-prefetch-cpu-2core.txt).
+constexpr int64_t kAheadSteps = 64;
+
+// The weight panel is prefetched kWeightAheadSteps k steps ahead too (it streams from L2: ~768 KiB at patch 32). On
+// the Intel Xeon (two FMA ports, so twice the weight bytes per cycle of Zen 4), one thread, one 7-patch run at
+// patch 32: 78% -> 83% of the FMA limit; 8 to 32 steps measured the same
+// (benchmarks/results/patch-gemm-broadcast-cpu-2core.txt).
+constexpr int64_t kWeightAheadSteps = 16;
+
+// Prefetches image row u of channel c (a row past P is a row of channel c + 1) of the R patches at px.
+template <typename T, int R>
+inline void prefetch_row(const T* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t c, int64_t u) {
+  c += u / P, u %= P;
+  if (c >= C) return;
+  const T* a = px + c * sC + u * sH;
+  const auto end = reinterpret_cast<uintptr_t>(a + R * P);
+  for (auto l = reinterpret_cast<uintptr_t>(a) & ~uintptr_t(63); l < end; l += 64) {
+    __builtin_prefetch(reinterpret_cast<const void*>(l), 0, 3);
+  }
+}
+
+// All panels of the weight w [D, K] (row-major) into dst [panels(D)][K * kPanel], in the layout of the selected ISA's
+// kernels, in parallel over panels. bf16 panels (AVX-512 only) are VNNI pairs: element (k, j) of a panel at
+// ((k / 2) * kPanel + j) * 2 + k % 2.
 void pack(const float* w, int64_t D, int64_t K, float* dst);
 void pack(const c10::BFloat16* w, int64_t D, int64_t K, c10::BFloat16* dst);
-// Panel q alone, on the calling thread, into dst (that panel's [K][kPanel] block).
+// Panel q alone, on the calling thread, into dst (that panel's K * kPanel block).
 void pack_panel(const float* w, int64_t D, int64_t K, int64_t q, float* dst);
 void pack_panel(const c10::BFloat16* w, int64_t D, int64_t K, int64_t q, c10::BFloat16* dst);
 
