@@ -92,15 +92,32 @@ def mm_peak_size(device: torch.device, dtype: torch.dtype, max_call_s: float = 1
     return n
 
 
-def measure_mm_peak(device: torch.device, dtype: torch.dtype, warmup: int = 2, repeats: int = 7) -> float:
-    """GFLOP/s of a large square ``torch.mm`` (side :func:`mm_peak_size`): the practical roofline for GEMM-bound
-    work here. Into a preallocated output, so a fresh result's page faults are not timed as GEMM."""
+def _mm_rate(device: torch.device, dtype: torch.dtype, warmup: int, repeats: int) -> float:
     n = mm_peak_size(device, dtype)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     c = torch.empty(n, n, device=device, dtype=dtype)
     sec = median_seconds(lambda: torch.mm(a, b, out=c), device, warmup, repeats, min_round_s=0.05)
     return 2 * n ** 3 / sec / 1e9
+
+
+def measure_mm_peak(device: torch.device, dtype: torch.dtype, warmup: int = 2, repeats: int = 7) -> float:
+    """GFLOP/s of a large square ``torch.mm`` (side :func:`mm_peak_size`): the practical roofline for GEMM-bound
+    work here. Into a preallocated output, so a fresh result's page faults are not timed as GEMM.
+
+    On a CPU, a 16-bit dtype is held to the float32 peak where that is higher: without bf16/fp16 GEMM instructions
+    (an AMD EPYC with AVX2 only: torch's bf16 mm at 1.1 GFLOP/s against 134 in float32) a kernel converts to float32
+    and multiplies at that rate, so the dtype's own mm would put kernels at thousands of percent of "peak". A line on
+    stderr says when this happens."""
+    rate = _mm_rate(device, dtype, warmup, repeats)
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        fp32 = _mm_rate(device, torch.float32, warmup, repeats)
+        if fp32 > rate:
+            print(f"  torch.mm in {str(dtype).replace('torch.', '')} ran at {rate:.1f} GFLOP/s, below float32's "
+                  f"{fp32:.1f}: this CPU has no GEMM instructions for it, so its rows are held to the float32 peak",
+                  file=sys.stderr, flush=True)
+            rate = fp32
+    return rate
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]:

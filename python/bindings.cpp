@@ -62,6 +62,11 @@ on one with AVX512-BF16 (and patch_gemm_isa() "avx512"); unit W stride only.)doc
       R"doc(The instruction set the CPU's direct patch kernels (cpu/patch_gemm.h) run with: "avx512", "avx2" or "none"
 (then the patch-matrix path runs instead).)doc");
   m.def(
+      "patch_gemm_best_isa",
+      [] { return std::string(mcl::cpu::patch_gemm::isa_name(mcl::cpu::patch_gemm::detected_isa())); },
+      R"doc(The widest instruction set this CPU gives the direct patch kernels: "avx512", "avx2" or "none", whatever
+set_patch_gemm_isa chose since.)doc");
+  m.def(
       "set_patch_gemm_isa",
       [](const std::string& name) {
         namespace pg = mcl::cpu::patch_gemm;

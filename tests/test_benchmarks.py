@@ -256,3 +256,19 @@ def test_gemm_cache_tool_builds_and_reports(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert rows and all(r["gflops_l2"] > 0 and r["gflops_l3"] > 0 and r["sets_streamed"] > 1 for r in rows)
     assert all(r["fma_fraction_l2"] > 0 for r in rows)
+
+
+def test_a_16_bit_peak_below_float32s_is_held_to_float32(monkeypatch, capsys):
+    """harness.measure_mm_peak: on a CPU without bf16 GEMM instructions a bf16 kernel runs at the float32 rate, so
+    its rows are held to the float32 peak (said on stderr), not torch's own bf16 mm (1.1 against 134 GFLOP/s on an
+    AVX2-only AMD EPYC); where the 16-bit mm is faster, that stays the peak."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import harness
+    cpu = torch.device("cpu")
+    rates = {torch.float32: 134.0, torch.bfloat16: 1.1, torch.float16: 300.0}
+    monkeypatch.setattr(harness, "_mm_rate", lambda device, dtype, warmup, repeats: rates[dtype])
+    assert harness.measure_mm_peak(cpu, torch.bfloat16) == 134.0
+    assert "held to the float32 peak" in capsys.readouterr().err
+    assert harness.measure_mm_peak(cpu, torch.float16) == 300.0
+    assert harness.measure_mm_peak(cpu, torch.float32) == 134.0
+    assert capsys.readouterr().err == ""

@@ -1,4 +1,5 @@
-// patch_gemm.h: the AVX-512 kernels (patch_gemm_avx2.cpp: the AVX2 ones), one per (rows, vectors) shape so that the accumulators live in registers.
+// patch_gemm.h: the AVX-512 kernels (patch_gemm_avx2.cpp: the AVX2 ones), one per (rows, vectors) shape so that the
+// accumulators live in registers.
 #include "patch_gemm.h"
 
 #include <algorithm>
@@ -146,27 +147,13 @@ template <typename T>
 using Kernel = void (*)(const T*, int64_t, int64_t, int64_t, int64_t, const T*, __mmask16, const float*, int64_t,
                         float*, int64_t);
 
-template <typename T, int R>
-constexpr Kernel<T> pick(int vectors) {
-  return vectors == 1   ? kernel<T, R, 1>
-         : vectors == 2 ? kernel<T, R, 2>
-         : vectors == 3 ? kernel<T, R, 3>
-                        : kernel<T, R, 4>;
-}
-
 template <typename T>
 Kernel<T> table(int64_t rows, int64_t vectors) {
-  static_assert(kMaxRows == 7 && kPanel == 64, "the table below lists every (rows, vectors) shape");
-  const int v = static_cast<int>(vectors);
-  switch (rows) {
-    case 1: return pick<T, 1>(v);
-    case 2: return pick<T, 2>(v);
-    case 3: return pick<T, 3>(v);
-    case 4: return pick<T, 4>(v);
-    case 5: return pick<T, 5>(v);
-    case 6: return pick<T, 6>(v);
-    default: return pick<T, 7>(v);
-  }
+  return instance<kMaxRows>(rows, [vectors](auto r) {
+    return instance<kPanel / 16>(vectors, [](auto v) -> Kernel<T> {
+      return kernel<T, decltype(r)::value, decltype(v)::value>;
+    });
+  });
 }
 
 template <typename T>
@@ -222,16 +209,7 @@ using WeightGradKernel = void (*)(const float*, int64_t, const float* const*, in
                                   int64_t);
 
 WeightGradKernel weight_grad_table(int64_t rows) {
-  static_assert(kMaxRows == 7, "the table below lists every row count");
-  switch (rows) {
-    case 1: return weight_grad_kernel<1>;
-    case 2: return weight_grad_kernel<2>;
-    case 3: return weight_grad_kernel<3>;
-    case 4: return weight_grad_kernel<4>;
-    case 5: return weight_grad_kernel<5>;
-    case 6: return weight_grad_kernel<6>;
-    default: return weight_grad_kernel<7>;
-  }
+  return instance<kMaxRows>(rows, [](auto r) -> WeightGradKernel { return weight_grad_kernel<decltype(r)::value>; });
 }
 
 }  // namespace

@@ -15,6 +15,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
@@ -58,6 +59,17 @@ template <typename F>
 void for_each_block(int64_t n, F&& f) {
   const int64_t most = max_rows(), parts = (n + most - 1) / most;
   for (int64_t h = 0; h < parts; ++h) f(n * h / parts, n * (h + 1) / parts - n * h / parts);
+}
+
+// pick(std::integral_constant<int, n>{}) for n = clamp(value, 1, N): how each ISA's dispatch turns a run-time row or
+// vector count into the kernel instantiated for it.
+template <int N, int R = 1, typename F>
+auto instance(int64_t value, F&& pick) {
+  if constexpr (R == N) {
+    return pick(std::integral_constant<int, R>{});
+  } else {
+    return value <= R ? pick(std::integral_constant<int, R>{}) : instance<N, R + 1>(value, pick);
+  }
 }
 
 // What the kernels of every ISA prefetch, and how far ahead.

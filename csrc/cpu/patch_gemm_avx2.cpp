@@ -42,7 +42,8 @@ MCL_AVX2 void kernel(const float* px, int64_t sC, int64_t sH, int64_t P, int64_t
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 2
     for (int v = 0; v < V; ++v) {
-      acc[r][v] = v == V - 1 ? _mm256_maskload_ps(init + r * ldi + 8 * v, last) : _mm256_loadu_ps(init + r * ldi + 8 * v);
+      const float* i = init + r * ldi + 8 * v;
+      acc[r][v] = v == V - 1 ? _mm256_maskload_ps(i, last) : _mm256_loadu_ps(i);
     }
   }
   const int64_t ahead = (kAheadSteps + P - 1) / P;  // image rows
@@ -80,21 +81,12 @@ MCL_AVX2 void kernel(const float* px, int64_t sC, int64_t sH, int64_t P, int64_t
 using Kernel = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, const float*, __m256i, const float*, int64_t,
                         float*, int64_t);
 
-template <int R>
-Kernel pick(int64_t vectors) {
-  return vectors == 1 ? kernel<R, 1> : kernel<R, 2>;
-}
-
 Kernel table(int64_t rows, int64_t vectors) {
-  static_assert(kRows == 6 && kChunk == 16, "the table below lists every (rows, vectors) shape");
-  switch (rows) {
-    case 1: return pick<1>(vectors);
-    case 2: return pick<2>(vectors);
-    case 3: return pick<3>(vectors);
-    case 4: return pick<4>(vectors);
-    case 5: return pick<5>(vectors);
-    default: return pick<6>(vectors);
-  }
+  return instance<kRows>(rows, [vectors](auto r) {
+    return instance<kChunk / 8>(vectors, [](auto v) -> Kernel {
+      return kernel<decltype(r)::value, decltype(v)::value>;
+    });
+  });
 }
 
 // Weight gradient: R rows x 16 columns (one run of 16 pixels at tok[s] + o) of dE, the token loop inside; as the
@@ -126,15 +118,7 @@ MCL_AVX2 void weight_grad_kernel(const float* a, int64_t lda, const float* const
 using WeightGradKernel = void (*)(const float*, int64_t, const float* const*, int64_t, int64_t, float*, int64_t);
 
 WeightGradKernel weight_grad_table(int64_t rows) {
-  static_assert(kRows == 6, "the table below lists every row count");
-  switch (rows) {
-    case 1: return weight_grad_kernel<1>;
-    case 2: return weight_grad_kernel<2>;
-    case 3: return weight_grad_kernel<3>;
-    case 4: return weight_grad_kernel<4>;
-    case 5: return weight_grad_kernel<5>;
-    default: return weight_grad_kernel<6>;
-  }
+  return instance<kRows>(rows, [](auto r) -> WeightGradKernel { return weight_grad_kernel<decltype(r)::value>; });
 }
 
 }  // namespace
