@@ -293,12 +293,13 @@ def requested(name: str) -> str:
 
 
 def _below_min_tokens(op: str, device: torch.device, dtype: Optional[torch.dtype],
-                      size: Optional[Tuple[int, int]], amx: bool) -> bool:
+                      size: Optional[Tuple[int, int]], amx: bool, avx2: bool = False) -> bool:
     """Whether a call of ``size = (tokens, width)`` is below the size where a kernel measured faster than the
-    reference (:data:`AUTO_MIN_TOKENS`, or on an AMX CPU :data:`AUTO_MIN_TOKENS_AMX` where it has an entry)."""
+    reference (:data:`AUTO_MIN_TOKENS`, or on an AMX CPU :data:`AUTO_MIN_TOKENS_AMX` and on an AVX2 CPU
+    :data:`AUTO_MIN_TOKENS_AVX2` where it has an entry; an AVX2 CPU's entry may be empty: no size rule)."""
     if size is None:
         return False
-    rule = AUTO_MIN_TOKENS_AMX.get((op, dtype)) if amx else None
+    rule = AUTO_MIN_TOKENS_AMX.get((op, dtype)) if amx else AUTO_MIN_TOKENS_AVX2.get((op, dtype)) if avx2 else None
     if rule is None:
         rule = AUTO_MIN_TOKENS.get((device.type, op, dtype))
     if rule is None:
@@ -342,6 +343,39 @@ AUTO_MIN_TOKENS_AMX: Dict[Tuple[str, torch.dtype], Tuple[Tuple[int, int], ...]] 
 }
 
 
+# On CPUs whose widest vectors are AVX2 (no AVX-512, so no bf16 dot products either: AMD Zen 1-3, most Intel client
+# cores) neither table above holds, and these replace them (per op and dtype; a missing entry falls through to the
+# tables above; AMX CPUs have AVX-512, so the two layers never meet). Measured on a 2-core AMD EPYC (Zen 3, family 25
+# model 1; fma_peak.cpp: 101.5 GFLOP/s a core, torch.mm fp32 134 on two) with the AVX2 patch kernels
+# (cpu/patch_gemm_avx2.h), 224x224, patch 16 x 2, 2 threads (benchmarks/results/kernels-cpu-2core-zen3-*.json), time
+# of the reference / time of the C++ kernel (paired ratios; that VM's speed drifted up to 2x between runs):
+#   bf16: torch's bf16 GEMMs and convolutions run at ~1 GFLOP/s there (torch.mm 1.1, against 134 in fp32), while the
+#     C++ kernels multiply bf16 at their fp32 rate (brgemm converts; 114-123 GFLOP/s at D = 384, B = 64). mcl_embed
+#     forward 19x, forward+backward 28x (21.7x its torch.compile), embed_tokens 30x timm's PatchEmbed (-1.json), and
+#     at B = 1 (-bf16-b1.json, D = 192 and 768) 9-16x, 13-18x timm: so bf16 runs the C++ kernels at every size.
+#   fp32 (-fp32-grid.json, D = 192/384/768 x B = 1/16/64): mcl_embed forward D = 192 1.03-1.18, D = 384 0.70-0.88
+#     (1.16 once at B = 16), D = 768 0.66-0.75; forward+backward D = 192 1.08-1.22, D = 384 0.75-0.86, D = 768
+#     0.69-0.75 (the reference's oneDNN GEMMs run at ~98% of torch.mm there); embed_tokens 0.85-1.10 of timm, the
+#     reference (conv2d) 0.98-1.22: the C++ kernels from D = 192 down, the reference above, and for embed_tokens.
+AUTO_ORDER_AVX2: Dict[Tuple[str, torch.dtype], Tuple[str, ...]] = {
+    ("embed_tokens", torch.float32): ("reference",),
+}
+AUTO_MIN_TOKENS_AVX2: Dict[Tuple[str, torch.dtype], Tuple[Tuple[int, int], ...]] = {
+    ("mcl_embed", torch.float32): ((192, 0), (_ANY_WIDTH, _ANY_WIDTH)),
+    ("mcl_embed_backward", torch.float32): ((192, 0), (_ANY_WIDTH, _ANY_WIDTH)),
+    ("mcl_embed", torch.bfloat16): ((_ANY_WIDTH, 0),),
+    ("mcl_embed_backward", torch.bfloat16): ((_ANY_WIDTH, 0),),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_avx2_only() -> bool:
+    """Whether this CPU's widest vector instructions are AVX2 + FMA (the C++ extension's patch kernels say which the
+    CPU has; without the extension auto runs the reference anyway)."""
+    C = _extension._C
+    return C is not None and hasattr(C, "patch_gemm_best_isa") and C.patch_gemm_best_isa() == "avx2"
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_has_amx() -> bool:
     """Whether this CPU has AMX tiles that PyTorch (and so oneDNN) can use."""
@@ -363,18 +397,21 @@ def on_amx_tiles(op: str, x: Tensor, patch: int) -> bool:
 
 def auto_order(op: str, device: torch.device, dtype: Optional[torch.dtype] = None,
                size: Optional[Tuple[int, int]] = None, amx: Optional[bool] = None,
-               amx_tiles: bool = False) -> Tuple[str, ...]:
+               amx_tiles: bool = False, avx2: Optional[bool] = None) -> Tuple[str, ...]:
     """The backends ``auto`` tries for ``op`` on ``device`` with ``dtype`` inputs, first choice first: the
     reference alone for a call of ``size = (tokens, width)`` below :data:`AUTO_MIN_TOKENS` (on an AMX CPU,
     :data:`AUTO_MIN_TOKENS_AMX` where it has the op), else the most specific table that has an entry (on an AMX
     CPU, :data:`AUTO_ORDER_AMX` unless the call runs on the AMX tiles (``amx_tiles``, :func:`on_amx_tiles`);
-    then op and dtype, then dtype, then op, then the device type). ``amx`` overrides the CPU check
-    (:func:`cpu_has_amx`)."""
+    on an AVX2 CPU :data:`AUTO_ORDER_AVX2`; then op and dtype, then dtype, then op, then the device type). ``amx``
+    and ``avx2`` override the CPU checks (:func:`cpu_has_amx`, :func:`cpu_avx2_only`)."""
     amx = device.type == "cpu" and (cpu_has_amx() if amx is None else amx)
-    if _below_min_tokens(op, device, dtype, size, amx):
+    avx2 = device.type == "cpu" and not amx and (cpu_avx2_only() if avx2 is None else avx2)
+    if _below_min_tokens(op, device, dtype, size, amx, avx2):
         return ("reference",)
     if amx and not amx_tiles and (op, dtype) in AUTO_ORDER_AMX:
         return AUTO_ORDER_AMX[(op, dtype)]
+    if avx2 and (op, dtype) in AUTO_ORDER_AVX2:
+        return AUTO_ORDER_AVX2[(op, dtype)]
     if dtype is not None:
         if (device.type, op, dtype) in AUTO_ORDER_PER_OP_DTYPE:
             return AUTO_ORDER_PER_OP_DTYPE[(device.type, op, dtype)]

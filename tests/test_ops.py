@@ -290,19 +290,23 @@ def test_auto_choice_follows_the_measured_order():
         assert backends.resolve("embed_tokens", "cpu", cpu) is backends.BACKENDS["cpu"].ops["embed_tokens"]
 
 
-@pytest.mark.parametrize("amx", [False, True])
-def test_auto_by_call_size_follows_the_measured_crossovers(monkeypatch, amx):
+@pytest.mark.parametrize("cpu_kind", ["avx512", "amx", "avx2"])
+def test_auto_by_call_size_follows_the_measured_crossovers(monkeypatch, cpu_kind):
     """Below the call sizes in AUTO_MIN_TOKENS (where the C++ kernel measured slower than the reference; on AMX
-    CPUs AUTO_MIN_TOKENS_AMX where it has the op), auto runs the reference; from there on, the order's first
-    choice. A backend named explicitly ignores sizes."""
+    CPUs AUTO_MIN_TOKENS_AMX, on AVX2 CPUs AUTO_MIN_TOKENS_AVX2 where it has the op), auto runs the reference; from
+    there on, the order's first choice. A backend named explicitly ignores sizes."""
     from mcl_kernels import _extension, backends
+    amx, avx2 = cpu_kind == "amx", cpu_kind == "avx2"
     monkeypatch.setattr(backends, "cpu_has_amx", lambda: amx)
+    monkeypatch.setattr(backends, "cpu_avx2_only", lambda: avx2)
     cpu = torch.device("cpu")
     assert backends.AUTO_MIN_TOKENS, "the size rules are measured data: the table must not be empty"
     tables = {(op, dtype): rule for (_, op, dtype), rule in backends.AUTO_MIN_TOKENS.items()}
     assert all(device_type == "cpu" for device_type, _, _ in backends.AUTO_MIN_TOKENS)
     if amx:
         tables.update(backends.AUTO_MIN_TOKENS_AMX)
+    if avx2:
+        tables.update(backends.AUTO_MIN_TOKENS_AVX2)
     for (op, dtype), rule in tables.items():
         assert op in backends.REFERENCE_OPS
         widths = [w for w, _ in rule]
@@ -319,16 +323,42 @@ def test_auto_by_call_size_follows_the_measured_crossovers(monkeypatch, amx):
                 assert backends.resolve(op, "cpu", cpu, dtype, (fewest - 1, widest)) is backends.BACKENDS["cpu"].ops[op]
 
 
+def test_auto_on_avx2_cpus_follows_the_avx2_measurements():
+    """On CPUs whose widest vectors are AVX2 (backends.AUTO_ORDER_AVX2, AUTO_MIN_TOKENS_AVX2): without bf16
+    instructions torch's bf16 GEMMs and convolutions crawl (~1 GFLOP/s) while the C++ kernels run bf16 at their fp32
+    rate, so bfloat16 takes the C++ kernels at every size; float32 follows the AVX2 grid. An AMX CPU is never taken
+    for an AVX2 one. The real call follows this CPU's answer."""
+    from mcl_kernels import _extension, backends
+    cpu = torch.device("cpu")
+    bf16, f32 = torch.bfloat16, torch.float32
+    for op in ("embed_tokens", "mcl_embed", "mcl_embed_backward"):
+        for size in (None, (196, 768), (64 * 196, 384)):
+            assert backends.auto_order(op, cpu, bf16, size, amx=False, avx2=True)[0] == "cpu", (op, size)
+    # elsewhere the AVX-512 tables' size rule sends one image at D = 768 to the reference
+    assert backends.auto_order("mcl_embed", cpu, bf16, (196, 768), amx=False, avx2=False) == ("reference",)
+    assert backends.auto_order("mcl_embed", cpu, bf16, (196, 768), amx=True, avx2=True) == ("reference",)
+    for (op, dtype), order in backends.AUTO_ORDER_AVX2.items():
+        assert backends.auto_order(op, cpu, dtype, (64 * 196, 384), amx=False, avx2=True) == order, (op, dtype)
+    for (op, dtype), rule in backends.AUTO_MIN_TOKENS_AVX2.items():
+        assert dtype in (f32, bf16) and rule, (op, dtype)
+    if _extension._C is not None:
+        assert backends.cpu_avx2_only() == (_extension._C.patch_gemm_best_isa() == "avx2")
+        got = backends.resolve("mcl_embed", "auto", cpu, bf16, (196, 768))
+        want = backends.BACKENDS["cpu"].ops["mcl_embed"] if backends.cpu_avx2_only() else backends.REFERENCE_OPS["mcl_embed"]
+        if not backends.cpu_has_amx():
+            assert got is want
+
+
 def test_auto_on_amx_cpus_follows_the_amx_measurements():
     """On CPUs with AMX (backends.AUTO_ORDER_AMX, AUTO_MIN_TOKENS_AMX): oneDNN's bf16 GEMMs and convolution beat
     the C++ kernels' AVX512-BF16 forwards, not the C++ training backward; in fp32 the C++ kernels lost at D = 768.
-    Elsewhere the AMD-measured order holds. The real call follows this CPU's answer."""
+    Elsewhere (avx2=False: an AVX-512 CPU) the AMD-measured order holds. The real call follows this CPU's answer."""
     from mcl_kernels import _extension, backends
     cpu = torch.device("cpu")
     bf16, f32 = torch.bfloat16, torch.float32
     for op in ("embed_tokens", "mcl_embed"):
         assert backends.auto_order(op, cpu, bf16, amx=True) == ("reference",), op
-        assert backends.auto_order(op, cpu, bf16, amx=False)[0] == "cpu", op
+        assert backends.auto_order(op, cpu, bf16, amx=False, avx2=False)[0] == "cpu", op
     # ... except where the C++ embed_tokens runs on the AMX tiles itself (bf16, unit W stride, patch % 16 == 0)
     assert backends.auto_order("embed_tokens", cpu, bf16, amx=True, amx_tiles=True)[0] == "cpu"
     x = torch.zeros(2, 3, 64, 64, dtype=bf16)
@@ -350,11 +380,11 @@ def test_auto_on_amx_cpus_follows_the_amx_measurements():
         assert backends.auto_order("embed_tokens", cpu, dtype, amx=True)[0] == "cpu"
     assert backends.auto_order("mcl_embed", cpu, f32, (64 * 196, 384), amx=True)[0] == "cpu"
     assert backends.auto_order("mcl_embed", cpu, f32, (196, 384), amx=True) == ("reference",)
-    assert backends.auto_order("mcl_embed", cpu, f32, (2 * 196, 384), amx=False)[0] == "cpu"
+    assert backends.auto_order("mcl_embed", cpu, f32, (2 * 196, 384), amx=False, avx2=False)[0] == "cpu"
     assert backends.auto_order("mcl_embed", cpu, f32, (2 * 196, 384), amx=True) == ("reference",)
     for op in ("mcl_embed", "mcl_embed_backward"):
         assert backends.auto_order(op, cpu, f32, (64 * 196, 768), amx=True) == ("reference",), op
-        assert backends.auto_order(op, cpu, f32, (64 * 196, 768), amx=False)[0] == "cpu", op
+        assert backends.auto_order(op, cpu, f32, (64 * 196, 768), amx=False, avx2=False)[0] == "cpu", op
     if _extension._C is not None:
         got = backends.resolve("embed_tokens", "auto", cpu, torch.bfloat16)
         want = "reference" if backends.cpu_has_amx() else "cpu"
