@@ -106,8 +106,9 @@ def measure_mm_peak(device: torch.device, dtype: torch.dtype, warmup: int = 2, r
     work here. Into a preallocated output, so a fresh result's page faults are not timed as GEMM.
 
     On a CPU, a 16-bit dtype is held to the float32 peak where that is higher: without bf16/fp16 GEMM instructions
-    (an AMD EPYC with AVX2 only: torch's bf16 mm at 1.1 GFLOP/s against 134 in float32) a kernel converts to float32
-    and multiplies at that rate, so the dtype's own mm would put kernels at thousands of percent of "peak". A line on
+    (an AMD EPYC with AVX2 only: torch's bf16 mm at 1.1 GFLOP/s against 134 in float32) a bf16 kernel can still run
+    at the float32 rate (oneDNN's brgemm does), so the dtype's own mm would put kernels at thousands of percent of
+    "peak". A line on
     stderr says when this happens."""
     rate = _mm_rate(device, dtype, warmup, repeats)
     if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
