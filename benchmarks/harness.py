@@ -172,7 +172,8 @@ class Row:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical CPUs, {torch.get_num_threads()} threads)"
+    return (f"{cpu_model() or platform.processor() or platform.machine()} ({os.cpu_count()} logical CPUs, "
+            f"{torch.get_num_threads()} threads)")
 
 
 def add_cpu_malloc_argument(ap) -> None:
@@ -192,10 +193,31 @@ def apply_cpu_malloc(choice: str, device: torch.device) -> str:
     return cpu_malloc.apply(choice)
 
 
+def cpu_model() -> Optional[str]:
+    """The CPU's model name, family and model from /proc/cpuinfo (None where there is none): the same 2-core VM has
+    been an AMD EPYC with AVX-512 (Zen 4), an Intel Xeon with AMX and an AMD EPYC with AVX2 only (Zen 3), and the
+    kernels' speed differs across them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+    except OSError:
+        return None
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    name = fields.get("model name")
+    if name is None:
+        return None
+    return f"{name} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
+
+
 def environment(device: torch.device) -> Dict[str, object]:
     info: Dict[str, object] = {"device": device_name(device), "device_type": device.type,
                                "torch": torch.__version__, "python": sys.version.split()[0],
-                               "platform": platform.platform(), "threads": torch.get_num_threads()}
+                               "platform": platform.platform(), "threads": torch.get_num_threads(),
+                               "cpu_model": cpu_model()}
+    from mcl_kernels import _extension
+    C = _extension._C
+    # which of the C++ patch kernels ran (AVX-512, AVX2, or none: im2col + brgemm); None without the extension
+    info["cpu_patch_kernels"] = C.patch_gemm_isa() if C is not None and hasattr(C, "patch_gemm_isa") else None
     for mod in ("timm", "torchvision", "triton"):
         try:
             info[mod] = __import__(mod).__version__

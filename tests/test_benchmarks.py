@@ -20,6 +20,12 @@ def test_throughput_quick_run_writes_table_and_json(tmp_path):
     doc = json.loads(out.read_text())
     assert doc["environment"]["torch"] and doc["mm_peak_gflops"]["float32"] > 0
     assert doc["environment"]["cpu_malloc"] and "malloc: " in res.stdout
+    env = doc["environment"]
+    if os.path.exists("/proc/cpuinfo"):
+        assert env["cpu_model"] and "family" in env["cpu_model"], env
+    from mcl_kernels import _extension
+    if _extension._C is not None:
+        assert env["cpu_patch_kernels"] == _extension._C.patch_gemm_isa() in ("avx512", "avx2", "none"), env
     impls = {(r["section"], r["impl"]) for r in doc["rows"]}
     for section in ("embed-fwd", "embed-fwd+bwd"):
         assert {(section, "reference (eager)"), (section, "reference (compile)"),
