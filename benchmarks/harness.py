@@ -6,6 +6,7 @@ against a large ``torch.mm`` measured in the same process.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -92,7 +93,10 @@ def mm_peak_size(device: torch.device, dtype: torch.dtype, max_call_s: float = 1
     return n
 
 
+@functools.lru_cache(maxsize=None)
 def _mm_rate(device: torch.device, dtype: torch.dtype, warmup: int, repeats: int) -> float:
+    """One process measures each dtype's rate once: a bf16 peak needs the fp32 one too (measure_mm_peak), which a
+    run of both dtypes has already measured."""
     n = mm_peak_size(device, dtype)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -108,8 +112,7 @@ def measure_mm_peak(device: torch.device, dtype: torch.dtype, warmup: int = 2, r
     On a CPU, a 16-bit dtype is held to the float32 peak where that is higher: without bf16/fp16 GEMM instructions
     (an AMD EPYC with AVX2 only: torch's bf16 mm at 1.1 GFLOP/s against 134 in float32) a bf16 kernel can still run
     at the float32 rate (oneDNN's brgemm does), so the dtype's own mm would put kernels at thousands of percent of
-    "peak". A line on
-    stderr says when this happens."""
+    "peak". A line on stderr says when this happens."""
     rate = _mm_rate(device, dtype, warmup, repeats)
     if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
         fp32 = _mm_rate(device, torch.float32, warmup, repeats)

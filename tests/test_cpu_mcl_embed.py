@@ -331,7 +331,7 @@ def test_every_isa_forward_and_backward_alike(shape, isas):
     """The training op with the patch kernels of every ISA this CPU has (AVX-512, AVX2, none: S and dE through the
     im2col tile): outputs and every gradient within fp32 rounding of the float64 reference; the direct kernels'
     ISAs bitwise alike (each output element the same FMA chain). Shapes: rows of 5 + 5 patches and of 7 (k = 7),
-    and dE's blocks of 6 and 7 rows at D = 40 (the AVX2 kernels split 7 as 4 + 3), ragged 16-column chunks (D = 20,
+    and dE's blocks of 6 and 7 rows at D = 40 (for_each_block gives AVX2 at most 6: 7 -> 4 + 3), ragged 16-column chunks (D = 20,
     40, 72), patch 16 and 32 (dE from the pixels)."""
     inputs = make_inputs(shape, "untied")
     ups = upstream(_C.mcl_embed(*inputs[:7], inputs[7]))

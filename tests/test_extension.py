@@ -187,7 +187,7 @@ def test_patch_gemm_isa_can_be_lowered_not_raised(restore_isa):
         _C.set_patch_gemm_isa("sse")
 
 
-# Shapes for the ISAs' kernels: patch rows of 1..7 patches and 9 (5 + 4: the AVX2 kernels split 7 rows as 4 + 3),
+# Shapes for the ISAs' kernels: patch rows of 1..7 patches and 9 (AVX-512 5 + 4; AVX2 at most 6 a call: 7 -> 4 + 3),
 # widths with ragged 16-column chunks (D = 7, 24, 40, 100 = 64 + 36) and several panels (130 = 64 + 64 + 2).
 ISA_SHAPES = [(2, 3, 28, 42, 24, 14), (3, 3, 16, 36, 100, 4), (2, 2, 12, 20, 7, 4), (1, 3, 8, 56, 130, 8),
               (2, 1, 16, 16, 40, 16)]

@@ -82,8 +82,8 @@ struct Plan {
   int64_t row1(int64_t tile) const { return (tile + 1) * units / ntiles * unit; }
 };
 
-// Calls f(b, n, j, m) for runs of m <= patch_gemm::max_rows() consecutive patches (n .. n + m - 1 of image b, starting at
-// column j of their patch row) covering rows [r0, r1).
+// Calls f(b, n, j, m) for runs of m <= patch_gemm::max_rows() consecutive patches (n .. n + m - 1 of image b,
+// starting at column j of their patch row) covering rows [r0, r1).
 template <typename F>
 void for_each_run(const EmbedShape& s, int64_t r0, int64_t r1, F&& f) {
   for (int64_t r = r0; r < r1;) {

@@ -159,9 +159,12 @@ Kernel<T> table(int64_t rows, int64_t vectors) {
 template <typename T>
 void dispatch(const T* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t rows, const T* b, int64_t cols,
               const float* init, int64_t ldi, float* out, int64_t ldo) {
-  TORCH_CHECK(available(c10::CppTypeToScalarType<T>::value, P) && rows >= 1 && rows <= kMaxRows && cols >= 1 &&
+  TORCH_CHECK(available(c10::CppTypeToScalarType<T>::value, P) && rows >= 1 && rows <= max_rows() && cols >= 1 &&
                   cols <= kPanel,
               "mcl_kernels: patch_gemm::run called outside its contract");
+  if constexpr (std::is_same_v<T, float>) {
+    if (isa() == Isa::kAvx2) return avx2::run(px, sC, sH, P, C, rows, b, cols, init, ldi, out, ldo);
+  }
   const int64_t vectors = (cols + 15) / 16, tail = cols - 16 * (vectors - 1);
   const auto last = static_cast<__mmask16>(tail >= 16 ? 0xFFFF : (1u << tail) - 1);
   table<T>(rows, vectors)(px, sC, sH, P, C, b, last, init, ldi, out, ldo);
@@ -209,14 +212,16 @@ using WeightGradKernel = void (*)(const float*, int64_t, const float* const*, in
                                   int64_t);
 
 WeightGradKernel weight_grad_table(int64_t rows) {
-  return instance<kMaxRows>(rows, [](auto r) -> WeightGradKernel { return weight_grad_kernel<decltype(r)::value>; });
+  return instance<kMaxRows>(rows, [](auto r) -> WeightGradKernel {
+    return weight_grad_kernel<decltype(r)::value>;
+  });
 }
 
 }  // namespace
 
 void run_weight_grad(const float* a, int64_t lda, int64_t rows, const float* const* tok, int64_t n,
                      const int64_t* off, float* out, int64_t ldo) {
-  TORCH_CHECK(available(c10::kFloat, 16) && rows >= 1 && rows <= kMaxRows && n >= 0,
+  TORCH_CHECK(available(c10::kFloat, 16) && rows >= 1 && rows <= max_rows() && n >= 0,
               "mcl_kernels: patch_gemm::run_weight_grad called outside its contract");
   if (isa() == Isa::kAvx2) {
     avx2::run_weight_grad(a, lda, rows, tok, n, off, out, ldo);
@@ -259,12 +264,6 @@ bool available(c10::ScalarType dtype, int64_t P) {
 
 void run(const float* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t rows, const float* b, int64_t cols,
          const float* init, int64_t ldi, float* out, int64_t ldo) {
-  if (isa() == Isa::kAvx2) {
-    TORCH_CHECK(rows >= 1 && rows <= kMaxRows && cols >= 1 && cols <= kPanel,
-                "mcl_kernels: patch_gemm::run called outside its contract");
-    avx2::run(px, sC, sH, P, C, rows, b, cols, init, ldi, out, ldo);
-    return;
-  }
   dispatch(px, sC, sH, P, C, rows, b, cols, init, ldi, out, ldo);
 }
 

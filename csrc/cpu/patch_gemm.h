@@ -48,9 +48,10 @@ bool reads(const at::Tensor& x, int64_t P);
 
 inline int64_t panels(int64_t D) { return (D + kPanel - 1) / kPanel; }
 
-// The most rows one call of the kernels computes at full speed with the selected ISA: kMaxRows with AVX-512, 6 with
-// AVX2 (whose kernels split 7 rows as 4 + 3, and a 3-row block runs well below a 6-row one).
-inline int64_t max_rows() { return isa() == Isa::kAvx2 ? 6 : kMaxRows; }
+// The most rows (patches, or rows of dE) one call of the selected ISA's kernels takes: kMaxRows with AVX-512, 6 with
+// AVX2 (6 x 16 accumulators fill its 16 registers; patch_gemm_avx2.h).
+constexpr int64_t kMaxRowsAvx2 = 6;
+inline int64_t max_rows() { return isa() == Isa::kAvx2 ? kMaxRowsAvx2 : kMaxRows; }
 
 // Calls f(first, m) for blocks [first, first + m) of at most max_rows() covering [0, n), as even as they go
 // (AVX-512: 9 -> 5 + 4, 14 -> 7 + 7, 16 -> 6 + 5 + 5): a short last block would run a kernel with few rows. Rows are
@@ -108,7 +109,7 @@ void pack(const c10::BFloat16* w, int64_t D, int64_t K, c10::BFloat16* dst);
 void pack_panel(const float* w, int64_t D, int64_t K, int64_t q, float* dst);
 void pack_panel(const c10::BFloat16* w, int64_t D, int64_t K, int64_t q, c10::BFloat16* dst);
 
-// out[r, 0:cols] (row stride ldo) for r < rows (1..kMaxRows), with cols (1..kPanel) of panel `b`:
+// out[r, 0:cols] (row stride ldo) for r < rows (1..max_rows()), with cols (1..kPanel) of panel `b`:
 //   out[r, :] = init[r, :] + sum over c < C, u < P, v < P of px[c*sC + u*sH + r*P + v] * b[k, :],
 // k = (c*P + u)*P + v, init's row stride ldi; px points at pixel (0, 0, 0) of the first patch, whose rows are
 // consecutive along W (unit stride). Accumulates in fp32 (bf16: products of bf16 pairs, summed in fp32 and
@@ -120,7 +121,7 @@ void run(const c10::BFloat16* px, int64_t sC, int64_t sH, int64_t P, int64_t C, 
 
 // The patch embedding's weight gradient with the im2col folded in (fp32; runs where available(kFloat, 16), as
 // reads() says for fp32 images): one kPanel-column panel of
-// dE [D, K], rows (1..kMaxRows) of it,
+// dE [D, K], rows (1..max_rows()) of it,
 //   out[r, :] += sum over s < n of a[s * lda + r] * (token s's pixels in the panel's columns),
 // a being token-major (the gradient tile as the GEMM before it wrote it: no transpose),
 // token s's panel columns being kPanel/16 runs of 16 pixels at tok[s] + off[v], v < kPanel/16 (for patch p, a

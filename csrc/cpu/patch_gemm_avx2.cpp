@@ -21,8 +21,8 @@ namespace mcl::cpu::patch_gemm::avx2 {
 
 namespace {
 
-constexpr int kRows = 6;  // accumulator rows per kernel call
-static_assert(kPanel % kChunk == 0 && kMaxRows <= 2 * kRows, "a panel is whole chunks; 7 rows split in two");
+constexpr int kRows = static_cast<int>(kMaxRowsAvx2);  // accumulator rows per kernel call
+static_assert(kPanel % kChunk == 0, "a panel is whole chunks");
 
 // Lanes [0, n) set: the masked loads and stores of a chunk's last vector.
 MCL_AVX2 inline __m256i lanes(int64_t n) {
@@ -125,12 +125,6 @@ WeightGradKernel weight_grad_table(int64_t rows) {
 
 MCL_AVX2 void run(const float* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t rows, const float* b,
                   int64_t cols, const float* init, int64_t ldi, float* out, int64_t ldo) {
-  if (rows > kRows) {  // 7 -> 4 + 3: rows are independent outputs, so the split changes no sum
-    const int64_t first = (rows + 1) / 2;
-    run(px, sC, sH, P, C, first, b, cols, init, ldi, out, ldo);
-    run(px + first * P, sC, sH, P, C, rows - first, b, cols, init + first * ldi, ldi, out + first * ldo, ldo);
-    return;
-  }
   const int64_t K = C * P * P;
   for (int64_t c0 = 0; c0 < cols; c0 += kChunk) {
     const int64_t n = std::min(kChunk, cols - c0), vectors = (n + 7) / 8;
@@ -140,12 +134,6 @@ MCL_AVX2 void run(const float* px, int64_t sC, int64_t sH, int64_t P, int64_t C,
 
 void run_weight_grad(const float* a, int64_t lda, int64_t rows, const float* const* tok, int64_t n,
                      const int64_t* off, float* out, int64_t ldo) {
-  if (rows > kRows) {
-    const int64_t first = (rows + 1) / 2;
-    run_weight_grad(a, lda, first, tok, n, off, out, ldo);
-    run_weight_grad(a + first, lda, rows - first, tok, n, off, out + first * ldo, ldo);
-    return;
-  }
   static_assert(kPanel == 4 * kChunk, "a token's panel columns are 4 runs of 16 pixels");
   for (int64_t v = 0; v < kPanel / kChunk; ++v) weight_grad_table(rows)(a, lda, tok, n, off[v], out + kChunk * v, ldo);
 }

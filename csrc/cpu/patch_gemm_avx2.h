@@ -1,13 +1,14 @@
 // patch_gemm.h's fp32 kernels for CPUs with AVX2 and FMA but no AVX-512 (AMD Zen 1-3, Intel client cores): the same
-// contracts (patch_gemm::run, patch_gemm::run_weight_grad), the same packed weight panels, and each output element
-// the same FMA chain in the same order as the AVX-512 kernels compute it, so results are bitwise the same.
+// contracts (patch_gemm::run, patch_gemm::run_weight_grad; patch_gemm.cpp checks them), the same packed weight
+// panels, and each output element the same FMA chain in the same order as the AVX-512 kernels compute it, so results
+// are bitwise the same.
 //
 // 16 vector registers of 8 floats hold at most 6 rows x 16 columns of accumulators with the 2 weight vectors and a
 // broadcast (15 registers; BLIS's Haswell sgemm kernel has the same 6 x 16 shape): a kPanel-column panel is walked
-// in 16-column chunks, each chunk walking all of K while the patches' pixels stay in L2, and calls of 7 rows run as
-// 4 + 3 (for_each_block gives at most 6). So that a chunk's weight rows are one sequential stream, patch_gemm::pack
-// lays an fp32 panel out for these kernels as kPanel / kChunk sub-panels of [K][kChunk] each (the same bytes per
-// panel). patch_gemm.cpp calls these where isa() is AVX2; nothing else should.
+// in 16-column chunks, each chunk walking all of K while the patches' pixels stay in L2; a call takes at most
+// kMaxRowsAvx2 rows (patch_gemm::max_rows(), which for_each_block follows). So that a chunk's weight rows are one
+// sequential stream, patch_gemm::pack lays an fp32 panel out for these kernels as kPanel / kChunk sub-panels of
+// [K][kChunk] each (the same bytes per panel). patch_gemm.cpp calls these where isa() is AVX2; nothing else should.
 #pragma once
 
 #include <cstdint>
