@@ -4,6 +4,7 @@
 
 #include "cpu/patch_gemm.h"
 #include "cpu/phases.h"
+#include "cpu/tile_gemm.h"
 #include "embed_tokens.h"
 #include "mcl_embed.h"
 
@@ -60,7 +61,8 @@ on one with AVX512-BF16 (and patch_gemm_isa() "avx512"); unit W stride only.)doc
   m.def(
       "patch_gemm_isa", [] { return std::string(mcl::cpu::patch_gemm::isa_name(mcl::cpu::patch_gemm::isa())); },
       R"doc(The instruction set the CPU's direct patch kernels (cpu/patch_gemm.h) run with: "avx512", "avx2" or "none"
-(then the patch-matrix path runs instead).)doc");
+(then the patch-matrix path runs instead). Under "avx2" the tile GEMMs run on cpu/gemm_avx2.h's kernel too, else on
+oneDNN's brgemm.)doc");
   m.def(
       "patch_gemm_best_isa",
       [] { return std::string(mcl::cpu::patch_gemm::isa_name(mcl::cpu::patch_gemm::detected_isa())); },
@@ -79,7 +81,12 @@ set_patch_gemm_isa chose since.)doc");
       py::arg("isa"),
       R"doc(Run the direct patch kernels with a lesser instruction set than the CPU's best ("avx2" on an AVX-512 CPU,
 "none" for the patch-matrix path), or back with the best; raises where the CPU lacks it. For tests and benchmarks:
-process-wide, not thread-safe against running kernels. Both ISAs' kernels give bitwise the same results.)doc");
+process-wide, not thread-safe against running kernels. Both ISAs' patch kernels give bitwise the same results; the
+tile GEMMs (brgemm, or gemm_avx2 under "avx2") sum in different orders.)doc");
+  m.def("cpu_tile_gemm", &mcl::cpu::tile_gemm, py::arg("a"), py::arg("b"), py::arg("c"), py::arg("add"),
+        R"doc(c + a @ b (add) or a @ b through the CPU kernels' single-threaded tile GEMM (cpu/tile_gemm.h: on AVX2 CPUs
+cpu/gemm_avx2.h's kernel, else oneDNN's brgemm), for tests: a [M, K] and b [K, N] float32 or bfloat16 with unit
+column stride, c float32 [M, N]; the result is a new float32 tensor.)doc");
   m.def("cpu_phases_enable", &mcl::cpu::phases::set_enabled, py::arg("on"),
         R"doc(Switch the per-phase timers of the CPU training kernels (mcl_embed, mcl_compress) on or off (off at import).
 While on, every phase adds its duration, summed over threads, to a counter: see cpu_phases_take and

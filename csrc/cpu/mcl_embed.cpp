@@ -9,7 +9,7 @@
 //   L = G W_c^T + b_c (GEMM, straight into the output L)
 //   R = ungroup(L W_d^T + b_d) (GEMM + scatter into the output R)
 // on buffers of one tile (kForwardTileTokens), tiles dealt to threads as they free up (for_each_item), GEMMs through
-// tile_gemm.h (oneDNN brgemm, single-threaded). Nothing of batch size is allocated but the outputs. For fp32 and
+// tile_gemm.h (single-threaded: oneDNN brgemm, or gemm_avx2.h's kernel on AVX2 CPUs). Nothing of batch size is allocated but the outputs. For fp32 and
 // bf16 images with unit W stride on CPUs with the patch kernels (patch_gemm::reads: AVX2 or AVX-512 for fp32,
 // AVX512-BF16 for bf16), S is computed from the pixels straight into the output by
 // patch_gemm.h's kernels instead (no im2col tile; 2-4% faster forward at D = 384, B = 64), and G gathered from it;
@@ -78,14 +78,18 @@ namespace amx = cpu::amx;
 // round of tiles' weight-gradient operands at once, so in fp32 its tiles are the smaller: with these sizes one fp32
 // training step at B = 64, D = 384 peaks at 0.55x the eager reference's memory (benchmarks/kernels.py). Each
 // round also streams the fp32 weight-gradient accumulators once, which costs bf16's faster GEMMs relatively
-// more: the backward's tiles hold backward_tile_tokens<operand>() tokens. fp32: 64. bf16: 256, measured against
+// more: the backward's tiles hold backward_tile_tokens(gemm) tokens. fp32: 64. bf16: 256, measured against
 // 128 in alternating runs (D = 384, B = 64, fwd+bwd vs the eager reference in the same run: 1.06-1.23x against
 // 0.99-1.07x; 392 gave 1.05x), at 43.6 instead of 37.5 MiB peak (eager: 52.3); 128 had been ~12% faster
-// than 64.
+// than 64. fp32 on gemm_avx2.h's kernel (AVX2 CPUs) takes 128: a round's weight-gradient GEMM is one call over all
+// its tiles there (Gemm::k_split_exact), so larger tiles mean a longer K per pass over the accumulators (AMD EPYC
+// Zen 3, D = 384, B = 64, paired steps against the eager reference: 0.907x against 0.887x with 64).
 constexpr int64_t kForwardTileTokens = 98;
 template <typename O>
-constexpr int64_t backward_tile_tokens() {
-  return sizeof(O) == 2 ? 256 : 256 / int64_t(sizeof(O));  // fp64: 32, fp32: 64 (the same bytes)
+int64_t backward_tile_tokens(const Gemm<O>& gemm) {
+  if (sizeof(O) == 2) return 256;
+  if (std::is_same_v<O, float> && gemm.k_split_exact()) return 128;
+  return 256 / int64_t(sizeof(O));  // fp64: 32, fp32: 64 (the same bytes)
 }
 
 template <typename T>
@@ -426,6 +430,11 @@ void run_jobs(const Gemm<O>& gemm, const std::vector<GemmJob<O>>& jobs, int64_t 
         }
         return;
       }
+    }
+    if (gemm.k_split_exact()) {  // the round's tiles sit side by side along K: one call, the same sums bitwise
+      gemm.run(items[i].rows, j.N, off.back() - off.front(), j.a + m0 * j.lda + off.front(), j.lda,
+               j.b + off.front() * j.ldb, j.ldb, j.c + m0 * j.ldc, j.ldc, true);
+      return;
     }
     for (size_t t = 0; t + 1 < off.size(); ++t) {  // B's rows of tile t start at row off[t] (VNNI: even)
       gemm.run(items[i].rows, j.N, off[t + 1] - off[t], j.a + m0 * j.lda + off[t], j.lda, j.b + off[t] * j.ldb, j.ldb,
@@ -867,7 +876,7 @@ std::vector<OptTensor> embed_backward(const at::Tensor& g_small, const at::Tenso
     direct_de = s.p % 16 == 0 && cpu::patch_gemm::reads(x, s.p);
   }
 
-  const Tiling tl(g, at::get_num_threads(), backward_tile_tokens<O>());
+  const Tiling tl(g, at::get_num_threads(), backward_tile_tokens(gemm));
   const int64_t tmax = tl.max_tokens(g), tsmax = tmax * k2, ldst = tl.nslots * round_up(tsmax, ka);
   LevelBackward<scalar_t> level(gemm, g, tl, g_large, g_recon, comp_w, decomp_w, large, small, level_needs,
                                 need_small, opts, need_small ? tsmax * D * int64_t(sizeof(A)) : 0);
@@ -1064,7 +1073,7 @@ std::vector<OptTensor> compress_backward(const at::Tensor& g_large, const at::Te
   const bool need_tok = needs[0];
   const std::vector<bool> level_needs{needs[1], needs[2] && comp_b.has_value(), needs[3],
                                       needs[4] && decomp_b.has_value()};
-  const Tiling tl(g, at::get_num_threads(), backward_tile_tokens<O>());
+  const Tiling tl(g, at::get_num_threads(), backward_tile_tokens(gemm));
   const int64_t tmax = tl.max_tokens(g);
   LevelBackward<scalar_t> level(gemm, g, tl, g_large, g_recon, comp_w, decomp_w, large, tokens, level_needs,
                                 need_tok, opts, need_tok ? tmax * KD * int64_t(sizeof(A)) : 0);

@@ -10,24 +10,19 @@
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
 #define MCL_PATCH_AVX2 1
-#include <immintrin.h>
+#include "avx2_block.h"
 #endif
 
 namespace mcl::cpu::patch_gemm::avx2 {
 
 #if defined(MCL_PATCH_AVX2)
 
-#define MCL_AVX2 __attribute__((target("avx2,fma")))
-
 namespace {
 
 constexpr int kRows = static_cast<int>(kMaxRowsAvx2);  // accumulator rows per kernel call
 static_assert(kPanel % kChunk == 0, "a panel is whole chunks");
 
-// Lanes [0, n) set: the masked loads and stores of a chunk's last vector.
-MCL_AVX2 inline __m256i lanes(int64_t n) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
+using avx2_block::lanes;
 
 // R rows x V vectors (8 columns each) of one chunk; b points at its sub-panel ([K][kChunk]). As
 // patch_gemm.cpp's AVX-512 kernel: init, then one FMA per k in k order, the pixels prefetched ahead; but not the
@@ -38,14 +33,7 @@ template <int R, int V>
 MCL_AVX2 void kernel(const float* px, int64_t sC, int64_t sH, int64_t P, int64_t C, const float* b, __m256i last,
                      const float* init, int64_t ldi, float* out, int64_t ldo) {
   __m256 acc[R][V];
-#pragma GCC unroll 6
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 2
-    for (int v = 0; v < V; ++v) {
-      const float* i = init + r * ldi + 8 * v;
-      acc[r][v] = v == V - 1 ? _mm256_maskload_ps(i, last) : _mm256_loadu_ps(i);
-    }
-  }
+  avx2_block::load_block(acc, init, ldi, last);
   const int64_t ahead = (kAheadSteps + P - 1) / P;  // image rows
   for (int64_t c = 0; c < C; ++c) {
     for (int64_t u = 0; u < P; ++u) {
@@ -65,17 +53,7 @@ MCL_AVX2 void kernel(const float* px, int64_t sC, int64_t sH, int64_t P, int64_t
       }
     }
   }
-#pragma GCC unroll 6
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 2
-    for (int v = 0; v < V; ++v) {
-      if (v == V - 1) {
-        _mm256_maskstore_ps(out + r * ldo + 8 * v, last, acc[r][v]);
-      } else {
-        _mm256_storeu_ps(out + r * ldo + 8 * v, acc[r][v]);
-      }
-    }
-  }
+  avx2_block::store_block(acc, out, ldo, last);
 }
 
 using Kernel = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, const float*, __m256i, const float*, int64_t,

@@ -1,9 +1,13 @@
-// The one run-time probe of tile_gemm.h: does brgemm take VNNI-packed bf16 here?
+// tile_gemm.h's run-time choices: does brgemm take VNNI-packed bf16 here, and do fp32 GEMMs run on gemm_avx2.h?
 #include "tile_gemm.h"
 
 #include <ATen/Context.h>
 
+#include "patch_gemm.h"
+
 namespace mcl::cpu {
+
+bool use_gemm_avx2() { return patch_gemm::isa() == patch_gemm::Isa::kAvx2; }
 
 bool bf16_brgemm_vnni() {
 #if defined(CPUBLAS_BRGEMM_BF16BF16F32)
@@ -33,6 +37,38 @@ bool bf16_brgemm_vnni() {
 #else
   return false;
 #endif
+}
+
+at::Tensor tile_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, bool add) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && c.dim() == 2, "tile_gemm: expected 2-D a [M, K], b [K, N], c [M, N], got ",
+              a.sizes(), ", ", b.sizes(), ", ", c.sizes());
+  TORCH_CHECK(a.size(1) == b.size(0) && c.size(0) == a.size(0) && c.size(1) == b.size(1),
+              "tile_gemm: shapes do not chain: a ", a.sizes(), ", b ", b.sizes(), ", c ", c.sizes());
+  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu() && c.device().is_cpu(), "tile_gemm: expected CPU tensors");
+  TORCH_CHECK(a.scalar_type() == b.scalar_type() &&
+                  (a.scalar_type() == at::kFloat || a.scalar_type() == at::kBFloat16),
+              "tile_gemm: expected a and b both float32 or both bfloat16, got ", a.scalar_type(), " and ",
+              b.scalar_type());
+  TORCH_CHECK(c.scalar_type() == at::kFloat, "tile_gemm: expected float32 c, got ", c.scalar_type());
+  for (const at::Tensor* t : {&a, &b, &c}) {
+    TORCH_CHECK((t->size(1) <= 1 || t->stride(1) == 1) && (t->size(0) <= 1 || t->stride(0) >= t->size(1)),
+                "tile_gemm: expected rows with unit stride, apart by at least their length; got sizes ", t->sizes(),
+                ", strides ", t->strides());
+  }
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  at::Tensor out = c.clone(at::MemoryFormat::Contiguous);  // ldc = N
+  auto ld = [](const at::Tensor& t) { return std::max<int64_t>(t.stride(0), t.size(1)); };
+  if (a.scalar_type() == at::kFloat) {
+    const Gemm<float> gemm;
+    gemm.run(M, N, K, a.data_ptr<float>(), ld(a), b.data_ptr<float>(), ld(b), out.data_ptr<float>(), N, add);
+  } else {
+    const Gemm<c10::BFloat16> gemm;
+    TORCH_CHECK(!gemm.vnni(), "tile_gemm: bf16 GEMMs take VNNI-packed B on this CPU; this entry point takes row-major B");
+    gemm.run(M, N, K, a.data_ptr<c10::BFloat16>(), ld(a), b.data_ptr<c10::BFloat16>(), ld(b), out.data_ptr<float>(), N,
+             add);
+    gemm.release();
+  }
+  return out;
 }
 
 }  // namespace mcl::cpu

@@ -6,7 +6,9 @@
 // runs bf16 with the CPU's bf16 dot-product instructions, accumulating in fp32. Where the CPU has no bf16
 // kernel (or oneDNN is disabled: torch.backends.mkldnn), bf16 B operands stay row-major and brgemm falls back
 // to torch's bf16 x bf16 -> fp32 GEMM; where brgemm is not in the installed torch at all, fp32 and fp64 run
-// through at::mm on the same memory and bf16 tiles are converted to fp32.
+// through at::mm on the same memory and bf16 tiles are converted to fp32. On CPUs whose best ISA is AVX2 (no
+// AVX-512: oneDNN's AVX2 brgemm ran these shapes at 49-70% of the FMA limit there), fp32 and row-major bf16 GEMMs run
+// on gemm_avx2.h's own kernel instead (use_gemm_avx2).
 //
 // Operand layouts (row-major, leading dimensions in elements):
 //   A [M, K] with lda >= K; C [M, N] in the accumulation type with ldc >= N;
@@ -27,6 +29,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "gemm_avx2.h"
 #include "simd.h"
 
 namespace mcl::cpu {
@@ -73,6 +76,17 @@ inline void convert_n(const From* src, To* dst, int64_t n) {
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
+// Whether fp32 GEMMs run on gemm_avx2.h's kernel instead of brgemm: where patch_gemm::isa() is AVX2 (a CPU without
+// AVX-512, or the AVX2 kernels chosen with patch_gemm::set_isa). On an AMD EPYC Zen 3, one thread, the training step's
+// tile shapes ran 1.2-1.9x brgemm's rate, 78-86% of the FMA limit with operands in L2 (benchmarks/gemm_cache.py);
+// on AVX-512 CPUs brgemm has AVX-512 kernels. Defined in tile_gemm.cpp.
+bool use_gemm_avx2();
+
+// Gemm<float or bf16>::run on the calling thread, for tests: returns c + a b (add) or a b, a [M, K] and b [K, N] of
+// one dtype with unit column stride (rows may be spaced: a slice), c float32 [M, N]. bf16 only where Gemm takes
+// row-major B (no VNNI packing: CPUs without bf16 dot products). Defined in tile_gemm.cpp.
+at::Tensor tile_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, bool add);
+
 // Whether bf16 brgemm takes VNNI-packed B here (oneDNN's AVX512-BF16/AMX kernels); probed once, since the
 // answer depends on the CPU and on torch's build. Defined in tile_gemm.cpp.
 bool bf16_brgemm_vnni();
@@ -116,6 +130,12 @@ class Gemm {
       }
       return;
     }
+    if constexpr (std::is_same_v<O, float> || std::is_same_v<O, c10::BFloat16>) {
+      if (!vnni_ && use_gemm_avx2()) {  // its own K blocks; as fixed as those below
+        gemm_avx2::run(M, N, K, a, lda, b, ldb, c, ldc, add);
+        return;
+      }
+    }
     // brgemm streams its whole K for each block of C: blocks of kBlockK x kBlockN keep that B panel in L2.
     // Measured (AVX-512, fp32, K = 3072): ~75 GFLOP/s per core unblocked, ~110 with 512-deep K blocks. The
     // blocking is fixed, so every element is summed in the same order whatever the tile or thread count.
@@ -130,6 +150,13 @@ class Gemm {
         }
       }
     }
+  }
+
+  // Whether run(add = true) over K = K1 + K2 gives bitwise what a call over K1 and then one over K2 give: where each
+  // element is one FMA chain over k in order starting from C (gemm_avx2.h). brgemm makes no such promise.
+  bool k_split_exact() const {
+    if constexpr (std::is_same_v<O, float> || std::is_same_v<O, c10::BFloat16>) return !vnni_ && use_gemm_avx2();
+    return false;
   }
 
   // Returns the hardware context some brgemm kernels hold (AMX tiles); call once a thread is done.
