@@ -1,7 +1,8 @@
-"""The CPU kernels' GEMM calls with operands in L2 against operands streamed from L3, one thread.
+"""The CPU kernels' GEMM calls with operands in L2 against operands streamed from L3, one thread, on each path.
 
 ``benchmarks/cpu_phases.py`` reports the training kernel's GEMM phases at 90-95% of the machine's FMA limit in a
-step. This measures the same single-threaded calls (``csrc/cpu/tile_gemm.h``: oneDNN brgemm) at the shapes the
+step. This measures the same single-threaded calls (``csrc/cpu/tile_gemm.h``: oneDNN brgemm, and where the CPU has
+AVX2 ``csrc/cpu/gemm_avx2.h``'s kernel, which the kernels use on AVX2-only CPUs) at the shapes the
 fp32 training step makes at DeiT-S width (D = 384, 224², patch 16 x 2, tiles of 64 large tokens, rounds of two
 tiles), twice each: cycling through one set of operands (they stay in L2) and through enough separate sets that
 each call streams its operands from L3. The ratio of the two is what memory residency costs a GEMM here.
@@ -34,6 +35,10 @@ SHAPES = [
     ("dW_d job (round)", 64, 384, 128),
     ("dW_c job (round)", 64, 1536, 128),
     ("dE job (round)", 64, 768, 512),
+    # On AVX2 CPUs (gemm_avx2) the backward's tiles hold 128 large tokens and a round's weight-gradient job is one
+    # call over both tiles (Gemm::k_split_exact): K = 256.
+    ("dW_d job (AVX2 round)", 64, 384, 256),
+    ("dW_c job (AVX2 round)", 64, 1536, 256),
 ]
 QUICK_SHAPES = [("quick", 16, 64, 32)]
 
@@ -42,7 +47,11 @@ def build(verbose: bool = False):
     from torch.utils.cpp_extension import load
     build_dir = os.path.join(tempfile.gettempdir(), "mcl_kernels_gemm_cache")
     os.makedirs(build_dir, exist_ok=True)
-    return load("mcl_gemm_cache", [os.path.join(HERE, "gemm_cache.cpp"), os.path.join(ROOT, "csrc", "cpu", "simd.cpp")],
+    cpu = os.path.join(ROOT, "csrc", "cpu")
+    sources = [os.path.join(HERE, "gemm_cache.cpp")] + [
+        os.path.join(cpu, f) for f in ("simd.cpp", "tile_gemm.cpp", "gemm_avx2.cpp", "patch_gemm.cpp",
+                                       "patch_gemm_avx2.cpp")]
+    return load("mcl_gemm_cache", sources,
                 extra_include_paths=[os.path.join(ROOT, "csrc", "cpu")], extra_cflags=["-O3"],
                 build_directory=build_dir, verbose=verbose)
 
@@ -68,21 +77,29 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
     ext = build()
     shapes, reps, tries = (QUICK_SHAPES, 4, 1) if args.quick else (SHAPES, args.reps, args.tries)
     rows = []
-    head = f"{'call':<24} {'M x N x K':>18} {'in L2':>8} {'from L3':>8} {'L3/L2':>6}"
+    paths = ["brgemm"] + (["avx2"] if ext.has_avx2() else [])
+    head = f"{'call':<24} {'M x N x K':>18} {'path':>7} {'in L2':>8} {'from L3':>8} {'L3/L2':>6}"
     if args.fma_limit:
         head += f" {'L2 %FMA':>8} {'L3 %FMA':>8}"
-    print(f"Gemm<float>::run (brgemm), one thread, GFLOP/s, best of {tries}\n{head}\n{'-' * len(head)}")
+    print(f"Gemm<float>::run, one thread, GFLOP/s, best of {tries}; the paths' calls alternate\n{head}\n"
+          f"{'-' * len(head)}")
     for what, M, N, K in shapes:
         many = sets_beyond_l2(M, N, K, int(args.l3_mib * 2**20))
-        hot = max(ext.rate(M, N, K, 1, reps) for _ in range(tries))
-        cold = max(ext.rate(M, N, K, many, reps) for _ in range(tries))
-        row = {"call": what, "M": M, "N": N, "K": K, "sets_streamed": many, "gflops_l2": hot, "gflops_l3": cold}
-        line = f"{what:<24} {f'{M} x {N} x {K}':>18} {hot:8.1f} {cold:8.1f} {cold / hot:6.2f}"
-        if args.fma_limit:
-            row.update(fma_fraction_l2=hot / args.fma_limit, fma_fraction_l3=cold / args.fma_limit)
-            line += f" {100 * hot / args.fma_limit:7.1f}% {100 * cold / args.fma_limit:7.1f}%"
-        print(line)
-        rows.append(row)
+        hot = {p: 0.0 for p in paths}
+        cold = dict(hot)
+        for _ in range(tries):  # the paths in turn, so a drift of the host's speed hits both
+            for p in paths:
+                hot[p] = max(hot[p], ext.rate(M, N, K, 1, reps, p))
+                cold[p] = max(cold[p], ext.rate(M, N, K, many, reps, p))
+        for p in paths:
+            row = {"call": what, "M": M, "N": N, "K": K, "path": p, "sets_streamed": many, "gflops_l2": hot[p],
+                   "gflops_l3": cold[p]}
+            line = f"{what:<24} {f'{M} x {N} x {K}':>18} {p:>7} {hot[p]:8.1f} {cold[p]:8.1f} {cold[p] / hot[p]:6.2f}"
+            if args.fma_limit:
+                row.update(fma_fraction_l2=hot[p] / args.fma_limit, fma_fraction_l3=cold[p] / args.fma_limit)
+                line += f" {100 * hot[p] / args.fma_limit:7.1f}% {100 * cold[p] / args.fma_limit:7.1f}%"
+            print(line)
+            rows.append(row)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"torch": torch.__version__, "args": vars(args), "rows": rows}, f, indent=2)

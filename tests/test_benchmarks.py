@@ -254,7 +254,7 @@ def test_cpu_phases_quick_run(tmp_path):
 
 def test_gemm_cache_tool_builds_and_reports(tmp_path):
     """benchmarks/gemm_cache.py (the L2-against-L3 GEMM rates README cites) builds its extension and reports both
-    rates for every call it lists."""
+    rates for every call it lists, on brgemm and, where the CPU has AVX2 (x86-64 with AVX2 + FMA), gemm_avx2."""
     pytest.importorskip("mcl_kernels._C", reason="the C++ kernels are not built")
     out = tmp_path / "gemm.json"
     res = _run(os.path.join(ROOT, "benchmarks", "gemm_cache.py"), "--quick", "--fma-limit", "100", "--json", str(out))
@@ -262,6 +262,9 @@ def test_gemm_cache_tool_builds_and_reports(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert rows and all(r["gflops_l2"] > 0 and r["gflops_l3"] > 0 and r["sets_streamed"] > 1 for r in rows)
     assert all(r["fma_fraction_l2"] > 0 for r in rows)
+    from mcl_kernels import _C
+    want = {"brgemm", "avx2"} if _C.patch_gemm_best_isa() != "none" else {"brgemm"}
+    assert {r["path"] for r in rows} == want
 
 
 def test_a_16_bit_peak_below_float32s_is_held_to_float32(monkeypatch, capsys):
