@@ -1,9 +1,8 @@
 // Single-threaded fp32 GEMM for CPUs with AVX2 and FMA but no AVX-512 (AMD Zen 1-3, Intel client cores): the tile
 // GEMMs of the fused CPU kernels (tile_gemm.h's Gemm<float>) run here where patch_gemm::isa() is AVX2.
 //
-// oneDNN's brgemm, which those GEMMs use elsewhere, ran the training step's token GEMMs at 49-70% of one core's FMA
-// limit on an AMD EPYC Zen 3 with its operands in L2 (benchmarks/gemm_cache.py), where patch_gemm_avx2.h's 6 x 16
-// kernel reaches 84%. This is that kernel's shape over row-major operands: K in blocks of kBlockK; per block, each
+// oneDNN's brgemm, which those GEMMs use elsewhere, ran the training step's tile shapes at 45-71% of one core's FMA
+// limit on an AMD EPYC Zen 3 with its operands in L2, this kernel at 73-86% (benchmarks/gemm_cache.py). This is that kernel's shape over row-major operands: K in blocks of kBlockK; per block, each
 // 16-column chunk of B is copied into a [kBlockK][16] buffer (16 KiB, one sequential stream that stays in L1), then
 // every block of up to 6 rows of A runs over it with 6 x 16 accumulators in registers. Each element of C is one FMA
 // chain over k in order, K blocks in order, whatever M or the caller's tiling: results depend on K only, not on
@@ -14,10 +13,14 @@
 
 #include <c10/util/BFloat16.h>
 
+#include "patch_gemm.h"
+#include "patch_gemm_avx2.h"
+
 namespace mcl::cpu::gemm_avx2 {
 
-constexpr int64_t kRows = 6;      // rows of A per kernel call: 6 x 2 accumulator vectors, 2 of B, 1 broadcast
-constexpr int64_t kChunk = 16;    // columns of C per kernel call
+// The AVX2 patch kernels' register block: 6 rows x 16 columns of accumulators, 2 vectors of B, 1 broadcast.
+constexpr int64_t kRows = patch_gemm::kMaxRowsAvx2;  // rows of A per kernel call
+constexpr int64_t kChunk = patch_gemm::avx2::kChunk;  // columns of C per kernel call
 constexpr int64_t kBlockK = 256;  // K per block: a packed chunk of B is kBlockK x 16 floats
 
 // C[M, N] = A[M, K] B[K, N] (+ C when `add`), C in fp32, row-major with leading dimensions lda >= K, ldb >= N,

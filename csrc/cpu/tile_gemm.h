@@ -7,7 +7,7 @@
 // kernel (or oneDNN is disabled: torch.backends.mkldnn), bf16 B operands stay row-major and brgemm falls back
 // to torch's bf16 x bf16 -> fp32 GEMM; where brgemm is not in the installed torch at all, fp32 and fp64 run
 // through at::mm on the same memory and bf16 tiles are converted to fp32. On CPUs whose best ISA is AVX2 (no
-// AVX-512: oneDNN's AVX2 brgemm ran these shapes at 49-70% of the FMA limit there), fp32 and row-major bf16 GEMMs run
+// AVX-512: oneDNN's AVX2 brgemm ran these shapes at 45-71% of the FMA limit there), fp32 and row-major bf16 GEMMs run
 // on gemm_avx2.h's own kernel instead (use_gemm_avx2).
 //
 // Operand layouts (row-major, leading dimensions in elements):
@@ -78,7 +78,7 @@ inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 // Whether fp32 GEMMs run on gemm_avx2.h's kernel instead of brgemm: where patch_gemm::isa() is AVX2 (a CPU without
 // AVX-512, or the AVX2 kernels chosen with patch_gemm::set_isa). On an AMD EPYC Zen 3, one thread, the training step's
-// tile shapes ran 1.2-1.9x brgemm's rate, 78-86% of the FMA limit with operands in L2 (benchmarks/gemm_cache.py);
+// tile shapes ran at 73-86% of the FMA limit with operands in L2 there, brgemm at 45-71% (benchmarks/gemm_cache.py);
 // on AVX-512 CPUs brgemm has AVX-512 kernels. Defined in tile_gemm.cpp.
 bool use_gemm_avx2();
 
@@ -131,7 +131,7 @@ class Gemm {
       return;
     }
     if constexpr (std::is_same_v<O, float> || std::is_same_v<O, c10::BFloat16>) {
-      if (!vnni_ && use_gemm_avx2()) {  // its own K blocks; as fixed as those below
+      if (on_gemm_avx2()) {  // its own K blocks; as fixed as those below
         gemm_avx2::run(M, N, K, a, lda, b, ldb, c, ldc, add);
         return;
       }
@@ -154,10 +154,7 @@ class Gemm {
 
   // Whether run(add = true) over K = K1 + K2 gives bitwise what a call over K1 and then one over K2 give: where each
   // element is one FMA chain over k in order starting from C (gemm_avx2.h). brgemm makes no such promise.
-  bool k_split_exact() const {
-    if constexpr (std::is_same_v<O, float> || std::is_same_v<O, c10::BFloat16>) return !vnni_ && use_gemm_avx2();
-    return false;
-  }
+  bool k_split_exact() const { return on_gemm_avx2(); }
 
   // Returns the hardware context some brgemm kernels hold (AMX tiles); call once a thread is done.
   void release() const {
@@ -199,6 +196,12 @@ class Gemm {
     } else {
       TORCH_CHECK(false, "mcl_kernels: no CPU GEMM for operand type ", c10::CppTypeToScalarType<O>::value);
     }
+  }
+
+  // Whether run() goes to gemm_avx2.h: fp32, or bf16 with row-major B, where use_gemm_avx2().
+  bool on_gemm_avx2() const {
+    if constexpr (std::is_same_v<O, float> || std::is_same_v<O, c10::BFloat16>) return !vnni_ && use_gemm_avx2();
+    return false;
   }
 
   bool vnni_ = false;
