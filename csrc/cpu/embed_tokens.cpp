@@ -1,4 +1,4 @@
-// embed_tokens on the CPU: tiles of patch rows, the same number per thread (at::parallel_for), each output row
+// embed_tokens on the CPU: tiles of patches (whole images where there are enough), the same number per thread (at::parallel_for), each output row
 // starting from bias + pos[t0 + n], so the epilogue costs no extra pass. Small batches on the direct path split the
 // weight's panels over the threads instead (by_panels). bf16 images with unit W stride and a patch
 // that is a multiple of 16, on CPUs with AMX, go through amx_patch_gemm.h's tile kernels (embed_tokens_cpu_amx);
@@ -73,23 +73,27 @@ struct Plan {
     ntiles = per_slot * slots;
     units = rows;
   }
-  // Tiles of whole image patch rows when there are at least 8 per tile (a tile edge inside a patch row splits
-  // it into two short runs), else of patches, for balance at small batches.
-  void whole_patch_rows(const EmbedShape& s) {
-    if (s.B * s.Hp >= 8 * ntiles) unit = s.Wp, units = s.B * s.Hp;
+  // The direct path's tiles: whole images (a tile edge inside an image splits a run of its patches in two) where
+  // they divide evenly over the threads or are at least 8 per thread, else patches, for balance at small batches.
+  void whole_images(const EmbedShape& s) {
+    if (s.B % slots == 0 || s.B >= 8 * slots) unit = s.N, units = s.B;
   }
   int64_t row0(int64_t tile) const { return tile * units / ntiles * unit; }
   int64_t row1(int64_t tile) const { return (tile + 1) * units / ntiles * unit; }
 };
 
-// Calls f(b, n, j, m) for runs of m <= patch_gemm::max_rows() consecutive patches (n .. n + m - 1 of image b,
-// starting at column j of their patch row) covering rows [r0, r1).
+// Calls f(b, n, m) for runs of m <= patch_gemm::max_rows() patches n .. n + m - 1 of image b (in the flat order:
+// along a patch row, then on to the next) covering rows [r0, r1), each image's rows as even runs as they go. A
+// run may cross patch rows, since the kernels take each patch's origin: runs cut at each patch row's end have
+// fewer rows per kernel call, so fewer accumulator chains per weight load. On AVX2 (6 rows) a patch row of 7 (patch
+// 32 at 224) ran as 3 + 4 rows; an image runs as 5 and 6: embed_tokens 1.17x at 1 and 2 threads (fp32, D = 384,
+// B = 64, AMD EPYC Zen 3, paired; benchmarks/results/patch-runs-ab-cpu-2core-zen3.txt).
 template <typename F>
 void for_each_run(const EmbedShape& s, int64_t r0, int64_t r1, F&& f) {
   for (int64_t r = r0; r < r1;) {
-    const int64_t b = r / s.N, n = r % s.N, j0 = n % s.Wp;
-    const int64_t run = std::min(s.Wp - j0, r1 - r);
-    cpu::patch_gemm::for_each_block(run, [&](int64_t first, int64_t m) { f(b, n + first, j0 + first, m); });
+    const int64_t b = r / s.N, n = r % s.N;
+    const int64_t run = std::min(s.N - n, r1 - r);
+    cpu::patch_gemm::for_each_block(run, [&](int64_t first, int64_t m) { f(b, n + first, m); });
     r += run;
   }
 }
@@ -112,8 +116,8 @@ bool by_panels(const EmbedShape& s, int64_t elem_bytes, int64_t threads) {
 }
 
 // fp32 (AVX2, AVX-512) and bf16 (AVX512-BF16) with unit W stride: pixels straight from the image (patch_gemm.h).
-// Split by patches (see by_panels): panel by panel of the weight (kPanel output columns, ~768 KiB at D = 384, patch 32:
-// it stays in L2 while the tile's patches stream past), run by run of patches.
+// Split by patches (see by_panels): each tile's patches as runs of up to max_rows() (for_each_run), all of them through
+// patch_gemm::run_runs, which orders the panels, channels and runs for the ISA.
 template <typename scalar_t>
 void embed_direct(const at::Tensor& x, const at::Tensor& w2d, const Plan<float>& plan, const EmbedShape& s,
                   at::Tensor& out) {
@@ -126,31 +130,30 @@ void embed_direct(const at::Tensor& x, const at::Tensor& w2d, const Plan<float>&
   const int64_t sB = x.stride(0), sC = x.stride(1), sH = x.stride(2);
   scalar_t* op = static_cast<scalar_t*>(out.data_ptr());
   const float* add = plan.add.data();
+  // The runs of patches covering rows [r0, r1), each starting from add's rows (bias + position).
+  const auto runs_of = [&](int64_t r0, int64_t r1, std::vector<pg::Run<scalar_t>>& runs) {
+    runs.clear();
+    for_each_run(s, r0, r1, [&](int64_t b, int64_t n, int64_t m) {
+      pg::Run<scalar_t> run{{}, m, add + n * D, op + (b * s.T + s.t0 + n) * D};
+      for (int64_t r = 0; r < m; ++r) run.px[r] = xp + b * sB + ((n + r) / s.Wp) * P * sH + ((n + r) % s.Wp) * P;
+      runs.push_back(run);
+    });
+  };
   if (by_panels(s, static_cast<int64_t>(sizeof(scalar_t)), at::get_num_threads())) {
+    std::vector<pg::Run<scalar_t>> runs;
+    runs_of(0, plan.rows, runs);
     at::parallel_for(0, Q, 1, [&](int64_t q0, int64_t q1) {  // Q / threads panels each
-      for (int64_t q = q0; q < q1; ++q) {
-        pg::pack_panel(wsrc, D, K, q, wpp + q * panel);
-        const int64_t d0 = q * pg::kPanel, cols = std::min(pg::kPanel, D - d0);
-        for_each_run(s, 0, plan.rows, [&](int64_t b, int64_t n, int64_t j, int64_t m) {
-          const scalar_t* px = xp + b * sB + (n / s.Wp) * P * sH + j * P;
-          scalar_t* dst = op + (b * s.T + s.t0 + n) * D + d0;
-          pg::run(px, sC, sH, P, s.C, m, wpp + q * panel, cols, add + n * D + d0, D, dst, D);
-        });
-      }
+      for (int64_t q = q0; q < q1; ++q) pg::pack_panel(wsrc, D, K, P * P, q, wpp + q * panel);
+      pg::run_runs(runs.data(), static_cast<int64_t>(runs.size()), sC, sH, P, s.C, wpp, D, q0, q1, D, D);
     });
     return;
   }
-  pg::pack(wsrc, D, K, wpp);
+  pg::pack(wsrc, D, K, P * P, wpp);
   at::parallel_for(0, plan.slots, 1, [&](int64_t s0, int64_t s1) {
+    std::vector<pg::Run<scalar_t>> runs;
     for (int64_t tile = s0 * plan.per_slot; tile < s1 * plan.per_slot; ++tile) {
-      for (int64_t q = 0; q < Q; ++q) {
-        const int64_t d0 = q * pg::kPanel, cols = std::min(pg::kPanel, D - d0);
-        for_each_run(s, plan.row0(tile), plan.row1(tile), [&](int64_t b, int64_t n, int64_t j, int64_t m) {
-          const scalar_t* px = xp + b * sB + (n / s.Wp) * P * sH + j * P;
-          scalar_t* dst = op + (b * s.T + s.t0 + n) * D + d0;
-          pg::run(px, sC, sH, P, s.C, m, wpp + q * panel, cols, add + n * D + d0, D, dst, D);
-        });
-      }
+      runs_of(plan.row0(tile), plan.row1(tile), runs);
+      pg::run_runs(runs.data(), static_cast<int64_t>(runs.size()), sC, sH, P, s.C, wpp, D, 0, Q, D, D);
     }
   });
 }
@@ -288,7 +291,7 @@ void embed_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optiona
   }
   if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
     if (embed_tokens_cpu_direct(x, s.P)) {
-      plan.whole_patch_rows(s);
+      plan.whole_images(s);
       return embed_direct<scalar_t>(x, w2d, plan, s, out);
     }
   }

@@ -750,10 +750,11 @@ std::tuple<at::Tensor, at::Tensor, OptTensor> embed_forward(const at::Tensor& x,
       if constexpr (kBf16) {
         if (on_tiles) amx::pack(ptr<const scalar_t>(ew), D, K, ptr<scalar_t>(es_p));
       }
-      if (!on_tiles) patch_gemm::pack(ptr<const scalar_t>(ew), D, K, ptr<scalar_t>(es_p));
+      if (!on_tiles) patch_gemm::pack(ptr<const scalar_t>(ew), D, K, s.p * s.p, ptr<scalar_t>(es_p));
       const std::vector<float> start = bs.empty() ? std::vector<float>(D, 0.0f) : bs;  // every row: the bias
       const auto sbuf = kAlias ? per_slot<A>(tl.nslots, tsmax * D, false) : std::vector<at::Tensor>{};
       const int64_t sC = x.stride(1), sH = x.stride(2);
+      std::vector<std::vector<patch_gemm::Run<scalar_t>>> srun(tl.nslots);  // per slot: its tile's runs
       run_tiles(tl, g, gemm, [&](int64_t slot, int64_t r0, int64_t r1) {
         {
           const PhaseScope ps(Phase::kForwardSmall);
@@ -773,20 +774,21 @@ std::tuple<at::Tensor, at::Tensor, OptTensor> embed_forward(const at::Tensor& x,
               amx::run(groups.data(), static_cast<int64_t>(groups.size()), sC, sH, s.p, s.C, ptr<scalar_t>(es_p), D);
             }
           } else {
-            for (int64_t q = 0; q < Q; ++q) {
-              const int64_t d0 = q * patch_gemm::kPanel, cols = std::min(patch_gemm::kPanel, D - d0);
-              const scalar_t* wq = ptr<scalar_t>(es_p) + q * panel;
-              for (int64_t rr = r0; rr < r1; ++rr) {
-                for (int64_t u = 0; u < k; ++u) {  // small-patch row rr * k + u: Ws patches, Ws rows of S
-                  const scalar_t* row = large_row_origin(xp, x.strides(), s, rr) + u * s.p * sH;
-                  scalar_t* srow = Sout + g.small(rr, 0, u) * D + d0;
-                  patch_gemm::for_each_block(g.Ws, [&](int64_t j, int64_t m) {
-                    patch_gemm::run(row + j * s.p, sC, sH, s.p, s.C, m, wq, cols, start.data() + d0, 0, srow + j * D,
-                                    D);
-                  });
-                }
+            // The tile's small patches are rows [r0 * k * Ws, r1 * k * Ws) of S in order (small-patch rows
+            // rr * k + u, Ws each), walked as even runs that may cross small-patch rows (patch_gemm::Run).
+            std::vector<patch_gemm::Run<scalar_t>>& runs = srun[slot];
+            runs.clear();
+            const int64_t f0 = g.small(r0, 0, 0);
+            patch_gemm::for_each_block(g.small(r1, 0, 0) - f0, [&](int64_t first, int64_t m) {
+              patch_gemm::Run<scalar_t> run{{}, m, start.data(), Sout + (f0 + first) * D};
+              for (int64_t r = 0; r < m; ++r) {
+                const int64_t f = f0 + first + r, sr = f / g.Ws, col = f % g.Ws;  // small-patch row sr = rr * k + u
+                run.px[r] = large_row_origin(xp, x.strides(), s, sr / k) + (sr % k) * s.p * sH + col * s.p;
               }
-            }
+              runs.push_back(run);
+            });
+            patch_gemm::run_runs(runs.data(), static_cast<int64_t>(runs.size()), sC, sH, s.p, s.C,
+                                 ptr<const scalar_t>(es_p), D, 0, Q, 0, D);
           }
         }
         const int64_t kD = k * D;

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cstring>
 
+#include <ATen/Parallel.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
@@ -33,32 +34,46 @@ void pack_all(const T* w, int64_t D, int64_t K, T* dst) {
 
 }  // namespace
 
-// fp32 panels for the AVX2 kernels: kPanel / avx2::kChunk sub-panels of [K][kChunk] each (patch_gemm_avx2.h). As
-// 16-column panels of their own, looped over outermost by the callers, they measured 0.93-1.12x the patch-matrix
-// path's embed_tokens against 1.09-1.23x as sub-panels (B = 16, D = 384, patch 16 and 32, one thread, AMD EPYC Zen
-// 3, two runs each): the pixels are then read once per 64 columns, not per 16.
-void pack(const float* w, int64_t D, int64_t K, float* dst) {
-  simd::pack_panels32(w, D, K, isa() == Isa::kAvx2 ? avx2::kChunk : kPanel, dst);  // sub-panel j of panel q: 4q + j
+// fp32 panels for the AVX2 kernels: per channel (K in blocks of `block` = P*P rows), kPanel / avx2::kChunk sub-panels
+// of [block][kChunk] each (patch_gemm_avx2.h). As 16-column panels of their own, looped over outermost by the
+// callers, they measured 0.93-1.12x the patch-matrix path's embed_tokens against 1.09-1.23x as sub-panels (B = 16,
+// D = 384, patch 16 and 32, one thread, AMD EPYC Zen 3, two runs each): the pixels are then read once per 64
+// columns, not per 16. Per channel, a call's pixels (6 patches x P*P, 24 KiB at patch 32) stay in L1 across the
+// panel's chunks, where all three channels (72 KiB) did not.
+void pack(const float* w, int64_t D, int64_t K, int64_t block, float* dst) {
+  if (isa() == Isa::kAvx2) {
+    at::parallel_for(0, panels(D), 1, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) pack_panel(w, D, K, block, q, dst + q * K * kPanel);
+    });
+    return;
+  }
+  simd::pack_panels32(w, D, K, kPanel, dst);
 }
 
-void pack_panel(const float* w, int64_t D, int64_t K, int64_t q, float* dst) {
+void pack_panel(const float* w, int64_t D, int64_t K, int64_t block, int64_t q, float* dst) {
   if (isa() == Isa::kAvx2) {
+    TORCH_CHECK(block > 0 && K % block == 0, "mcl_kernels: patch_gemm::pack_panel: K = ", K,
+                " is not whole blocks of ", block);
     constexpr int64_t kSub = kPanel / avx2::kChunk;
-    const int64_t subs = (D + avx2::kChunk - 1) / avx2::kChunk;
-    for (int64_t j = 0; j < kSub && q * kSub + j < subs; ++j) {
-      simd::pack_panel32(w, D, K, avx2::kChunk, q * kSub + j, dst + j * K * avx2::kChunk);
+    for (int64_t c = 0; c < K / block; ++c) {
+      for (int64_t j = 0; j < kSub; ++j) {  // rows [c * block, (c + 1) * block) of sub-panel j
+        float* sub = dst + (c * kSub + j) * block * avx2::kChunk;
+        const int64_t d0 = q * kPanel + j * avx2::kChunk, n = std::min(avx2::kChunk, D - d0);
+        if (n < avx2::kChunk) std::memset(sub, 0, sizeof(float) * block * avx2::kChunk);
+        if (n > 0) simd::transpose32(w + d0 * K + c * block, K, n, block, sub, avx2::kChunk);
+      }
     }
     return;
   }
   simd::pack_panel32(w, D, K, kPanel, q, dst);
 }
 
-void pack_panel(const c10::BFloat16* w, int64_t D, int64_t K, int64_t q, c10::BFloat16* dst) {
+void pack_panel(const c10::BFloat16* w, int64_t D, int64_t K, int64_t, int64_t q, c10::BFloat16* dst) {
   TORCH_CHECK(K % 2 == 0, "mcl_kernels: bf16 weight panels pair k, so K must be even");
   simd::pack_panel32(w, D, K / 2, kPanel, q, dst);
 }
 
-void pack(const c10::BFloat16* w, int64_t D, int64_t K, c10::BFloat16* dst) {
+void pack(const c10::BFloat16* w, int64_t D, int64_t K, int64_t, c10::BFloat16* dst) {
   TORCH_CHECK(K % 2 == 0, "mcl_kernels: bf16 weight panels pair k, so K must be even");
   pack_all(w, D, K, dst);
 }
@@ -97,7 +112,7 @@ MCL_AVX512F inline void fma(__m512& acc, __m512 w, __m512 x, c10::BFloat16) {
 // R rows x V vectors of output; `last` masks the last vector's columns. fp32 walks k one at a time; bf16 in
 // pairs (v, v + 1), adjacent pixels of one image row, against a VNNI panel (kPanel pairs per pair row).
 template <typename T, int R, int V>
-MCL_AVX512F void kernel(const T* px, int64_t sC, int64_t sH, int64_t P, int64_t C, const T* b, __mmask16 last,
+MCL_AVX512F void kernel(const T* const* px, int64_t sC, int64_t sH, int64_t P, int64_t C, const T* b, __mmask16 last,
                         const float* init, int64_t ldi, float* out, int64_t ldo) {
   constexpr int64_t kStep = sizeof(float) / sizeof(T);  // k per weight row of the panel: 1, or 2 (bf16 pairs)
   __m512 acc[R][V];
@@ -110,10 +125,12 @@ MCL_AVX512F void kernel(const T* px, int64_t sC, int64_t sH, int64_t P, int64_t 
     }
   }
   const int64_t ahead = (kAheadSteps * kStep + P - 1) / P;  // image rows
+  const T* a[R];  // the patches' origins, in registers through the loop
+  for (int r = 0; r < R; ++r) a[r] = px[r];
   for (int64_t c = 0; c < C; ++c) {
     for (int64_t u = 0; u < P; ++u) {
-      prefetch_row<T, R>(px, sC, sH, P, C, c, u + ahead);
-      const T* a = px + c * sC + u * sH;  // patch r's pixel v: a[r * P + v]
+      prefetch_row<T, R>(a, sC, sH, P, C, c, u + ahead);
+      const int64_t o = c * sC + u * sH;  // patch r's pixel v: a[r][o + v]
       const T* bk = b + (c * P + u) * P * kPanel;
       for (int64_t q = 0; q < P; q += kStep, bk += kStep * kPanel) {
         __m512 w[V];
@@ -123,7 +140,7 @@ MCL_AVX512F void kernel(const T* px, int64_t sC, int64_t sH, int64_t P, int64_t 
         for (int v = 0; v < V; ++v) __builtin_prefetch(bk + (kWeightAheadSteps * kPanel + 16 * v) * kStep, 0, 3);
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
-          const __m512 x = broadcast(a + r * P + q);
+          const __m512 x = broadcast(a[r] + o + q);
 #pragma GCC unroll 4
           for (int v = 0; v < V; ++v) fma(acc[r][v], w[v], x, T());
         }
@@ -144,8 +161,8 @@ MCL_AVX512F void kernel(const T* px, int64_t sC, int64_t sH, int64_t P, int64_t 
 }
 
 template <typename T>
-using Kernel = void (*)(const T*, int64_t, int64_t, int64_t, int64_t, const T*, __mmask16, const float*, int64_t,
-                        float*, int64_t);
+using Kernel = void (*)(const T* const*, int64_t, int64_t, int64_t, int64_t, const T*, __mmask16, const float*,
+                        int64_t, float*, int64_t);
 
 template <typename T>
 Kernel<T> table(int64_t rows, int64_t vectors) {
@@ -157,8 +174,8 @@ Kernel<T> table(int64_t rows, int64_t vectors) {
 }
 
 template <typename T>
-void dispatch(const T* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t rows, const T* b, int64_t cols,
-              const float* init, int64_t ldi, float* out, int64_t ldo) {
+void dispatch(const T* const* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t rows, const T* b,
+              int64_t cols, const float* init, int64_t ldi, float* out, int64_t ldo) {
   TORCH_CHECK(available(c10::CppTypeToScalarType<T>::value, P) && rows >= 1 && rows <= max_rows() && cols >= 1 &&
                   cols <= kPanel,
               "mcl_kernels: patch_gemm::run called outside its contract");
@@ -262,13 +279,13 @@ bool available(c10::ScalarType dtype, int64_t P) {
   return dtype == c10::kBFloat16 && isa() == Isa::kAvx512 && bf16 && P % 2 == 0;
 }
 
-void run(const float* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t rows, const float* b, int64_t cols,
-         const float* init, int64_t ldi, float* out, int64_t ldo) {
+void run(const float* const* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t rows, const float* b,
+         int64_t cols, const float* init, int64_t ldi, float* out, int64_t ldo) {
   dispatch(px, sC, sH, P, C, rows, b, cols, init, ldi, out, ldo);
 }
 
-void run(const c10::BFloat16* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t rows, const c10::BFloat16* b,
-         int64_t cols, const float* init, int64_t ldi, c10::BFloat16* out, int64_t ldo) {
+void run(const c10::BFloat16* const* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t rows,
+         const c10::BFloat16* b, int64_t cols, const float* init, int64_t ldi, c10::BFloat16* out, int64_t ldo) {
   float sums[kMaxRows * kPanel];  // the block's fp32 sums, rounded once into the output
   dispatch(px, sC, sH, P, C, rows, b, cols, init, ldi, sums, kPanel);
   for (int64_t r = 0; r < rows; ++r) simd::to_bf16(sums + r * kPanel, out + r * ldo, cols);
@@ -288,16 +305,52 @@ void run_weight_grad(const float*, int64_t, int64_t, const float* const*, int64_
   TORCH_CHECK(false, "mcl_kernels: patch_gemm needs an x86-64 CPU with AVX2 and FMA, or AVX-512F");
 }
 
-void run(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t,
-         float*, int64_t) {
+void run(const float* const*, int64_t, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, const float*,
+         int64_t, float*, int64_t) {
   TORCH_CHECK(false, "mcl_kernels: patch_gemm needs an x86-64 CPU with AVX2 and FMA, or AVX-512F");
 }
 
-void run(const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, int64_t, const c10::BFloat16*, int64_t,
+void run(const c10::BFloat16* const*, int64_t, int64_t, int64_t, int64_t, int64_t, const c10::BFloat16*, int64_t,
          const float*, int64_t, c10::BFloat16*, int64_t) {
   TORCH_CHECK(false, "mcl_kernels: patch_gemm needs an x86-64 CPU with AVX512-BF16");
 }
 
 #endif
+
+namespace {
+
+template <typename T>
+void runs_dispatch(const Run<T>* runs, int64_t n, int64_t sC, int64_t sH, int64_t P, int64_t C, const T* w, int64_t D,
+                   int64_t q0, int64_t q1, int64_t ldi, int64_t ldo) {
+  TORCH_CHECK(n >= 0 && 0 <= q0 && q0 <= q1 && q1 <= panels(D), "mcl_kernels: patch_gemm::run_runs called outside its "
+              "contract (", n, " runs, panels [", q0, ", ", q1, ") of ", panels(D), ")");
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(runs[i].rows >= 1 && runs[i].rows <= max_rows(), "mcl_kernels: patch_gemm::run_runs: a run of ",
+                runs[i].rows, " patches (1 to ", max_rows(), " expected)");
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    if (isa() == Isa::kAvx2) return avx2::run_runs(runs, n, sC, sH, P, C, w, D, q0, q1, ldi, ldo);
+  }
+  const int64_t K = C * P * P;
+  for (int64_t q = q0; q < q1; ++q) {
+    const int64_t d0 = q * kPanel, cols = std::min(kPanel, D - d0);
+    for (int64_t i = 0; i < n; ++i) {
+      run(runs[i].px, sC, sH, P, C, runs[i].rows, w + q * K * kPanel, cols, runs[i].init + d0, ldi, runs[i].out + d0,
+          ldo);
+    }
+  }
+}
+
+}  // namespace
+
+void run_runs(const Run<float>* runs, int64_t n, int64_t sC, int64_t sH, int64_t P, int64_t C, const float* w,
+              int64_t D, int64_t q0, int64_t q1, int64_t ldi, int64_t ldo) {
+  runs_dispatch(runs, n, sC, sH, P, C, w, D, q0, q1, ldi, ldo);
+}
+
+void run_runs(const Run<c10::BFloat16>* runs, int64_t n, int64_t sC, int64_t sH, int64_t P, int64_t C,
+              const c10::BFloat16* w, int64_t D, int64_t q0, int64_t q1, int64_t ldi, int64_t ldo) {
+  runs_dispatch(runs, n, sC, sH, P, C, w, D, q0, q1, ldi, ldo);
+}
 
 }  // namespace mcl::cpu::patch_gemm

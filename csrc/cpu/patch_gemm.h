@@ -10,8 +10,9 @@
 // the result does not depend on how rows are split into calls or threads.
 //
 // Weight panels: panel q holds columns [q*kPanel, (q+1)*kPanel) of W^T [K, D] as [K][kPanel] rows (zeros past D), so
-// a k step loads kPanel/16 contiguous vectors; for the AVX2 kernels (fp32) as kPanel/16 sub-panels of [K][16] each
-// (patch_gemm_avx2.h), the same bytes.
+// a k step loads kPanel/16 contiguous vectors; for the AVX2 kernels (fp32), channel by channel (K in blocks of P*P),
+// as kPanel/16 sub-panels of [P*P][16] each (patch_gemm_avx2.h), the same bytes. Either way channel c's rows start
+// c*P*P*kPanel into the panel, so a caller can run one channel at a time (C = 1, the panel and pixels offset).
 #pragma once
 
 #include <cstdint>
@@ -88,36 +89,60 @@ constexpr int64_t kAheadSteps = 64;
 // (benchmarks/results/patch-gemm-broadcast-cpu-2core.txt).
 constexpr int64_t kWeightAheadSteps = 16;
 
-// Prefetches image row u of channel c (a row past P is a row of channel c + 1) of the R patches at px.
+// Prefetches image row u of channel c (a row past P is a row of channel c + 1) of the R patches px[0 .. R).
 template <typename T, int R>
-inline void prefetch_row(const T* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t c, int64_t u) {
+inline void prefetch_row(const T* const* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t c, int64_t u) {
   c += u / P, u %= P;
   if (c >= C) return;
-  const T* a = px + c * sC + u * sH;
-  const auto end = reinterpret_cast<uintptr_t>(a + R * P);
-  for (auto l = reinterpret_cast<uintptr_t>(a) & ~uintptr_t(63); l < end; l += 64) {
-    __builtin_prefetch(reinterpret_cast<const void*>(l), 0, 3);
+  for (int r = 0; r < R; ++r) {
+    const T* a = px[r] + c * sC + u * sH;
+    const auto end = reinterpret_cast<uintptr_t>(a + P);
+    for (auto l = reinterpret_cast<uintptr_t>(a) & ~uintptr_t(63); l < end; l += 64) {
+      __builtin_prefetch(reinterpret_cast<const void*>(l), 0, 3);
+    }
   }
 }
 
-// All panels of the weight w [D, K] (row-major) into dst [panels(D)][K * kPanel], in the layout of the selected ISA's
-// kernels, in parallel over panels. bf16 panels (AVX-512 only) are VNNI pairs: element (k, j) of a panel at
-// ((k / 2) * kPanel + j) * 2 + k % 2.
-void pack(const float* w, int64_t D, int64_t K, float* dst);
-void pack(const c10::BFloat16* w, int64_t D, int64_t K, c10::BFloat16* dst);
+// All panels of the weight w [D, K] (row-major, K = C * block, block = P * P) into dst [panels(D)][K * kPanel], in the
+// layout of the selected ISA's kernels, in parallel over panels. bf16 panels (AVX-512 only) are VNNI pairs: element
+// (k, j) of a panel at ((k / 2) * kPanel + j) * 2 + k % 2.
+void pack(const float* w, int64_t D, int64_t K, int64_t block, float* dst);
+void pack(const c10::BFloat16* w, int64_t D, int64_t K, int64_t block, c10::BFloat16* dst);
 // Panel q alone, on the calling thread, into dst (that panel's K * kPanel block).
-void pack_panel(const float* w, int64_t D, int64_t K, int64_t q, float* dst);
-void pack_panel(const c10::BFloat16* w, int64_t D, int64_t K, int64_t q, c10::BFloat16* dst);
+void pack_panel(const float* w, int64_t D, int64_t K, int64_t block, int64_t q, float* dst);
+void pack_panel(const c10::BFloat16* w, int64_t D, int64_t K, int64_t block, int64_t q, c10::BFloat16* dst);
 
 // out[r, 0:cols] (row stride ldo) for r < rows (1..max_rows()), with cols (1..kPanel) of panel `b`:
-//   out[r, :] = init[r, :] + sum over c < C, u < P, v < P of px[c*sC + u*sH + r*P + v] * b[k, :],
-// k = (c*P + u)*P + v, init's row stride ldi; px points at pixel (0, 0, 0) of the first patch, whose rows are
-// consecutive along W (unit stride). Accumulates in fp32 (bf16: products of bf16 pairs, summed in fp32 and
-// rounded once into out).
-void run(const float* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t rows, const float* b, int64_t cols,
-         const float* init, int64_t ldi, float* out, int64_t ldo);
-void run(const c10::BFloat16* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t rows, const c10::BFloat16* b,
-         int64_t cols, const float* init, int64_t ldi, c10::BFloat16* out, int64_t ldo);
+//   out[r, :] = init[r, :] + sum over c < C, u < P, v < P of px[r][c*sC + u*sH + v] * b[k, :],
+// k = (c*P + u)*P + v, init's row stride ldi (0: one row for all); px[r] points at pixel (0, 0, 0) of patch r (any
+// patches of one image or of several: consecutive ones of a patch row, or runs across patch rows), unit W stride.
+// Accumulates in fp32 (bf16: products of bf16 pairs, summed in fp32 and rounded once into out).
+void run(const float* const* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t rows, const float* b,
+         int64_t cols, const float* init, int64_t ldi, float* out, int64_t ldo);
+void run(const c10::BFloat16* const* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t rows,
+         const c10::BFloat16* b, int64_t cols, const float* init, int64_t ldi, c10::BFloat16* out, int64_t ldo);
+
+// A run of patches for run_runs: patch r (r < rows <= max_rows()) has its pixel (0, 0, 0) at px[r], its output row
+// at out + r * ldo and its starting row at init + r * ldi (ldo, ldi: run_runs' arguments).
+template <typename T>
+struct Run {
+  const T* px[kMaxRows];
+  int64_t rows;
+  const float* init;
+  T* out;
+};
+
+// run() for each of the n runs and each panel q in [q0, q1) of the packed weight w (all of pack()'s panels, D
+// columns): columns [q*kPanel, min((q+1)*kPanel, D)) of the runs' output rows, from the same columns of their init
+// rows, summed over all of K = C*P*P. Each output element is the same FMA chain as run() computes, so the results are
+// bitwise run()'s. With AVX-512, panel by panel, run by run, all of K per call. With AVX2 the panels are walked in
+// groups, K in blocks of whole image rows (avx2::run_runs), every run through a block before the next, the sums
+// kept in out between blocks: a group's block of the weight stays in L2 while the runs stream past, where all of K
+// per call streamed a whole 768 KiB panel from L3 for every run (L2 being 512 KiB).
+void run_runs(const Run<float>* runs, int64_t n, int64_t sC, int64_t sH, int64_t P, int64_t C, const float* w,
+              int64_t D, int64_t q0, int64_t q1, int64_t ldi, int64_t ldo);
+void run_runs(const Run<c10::BFloat16>* runs, int64_t n, int64_t sC, int64_t sH, int64_t P, int64_t C,
+              const c10::BFloat16* w, int64_t D, int64_t q0, int64_t q1, int64_t ldi, int64_t ldo);
 
 // The patch embedding's weight gradient with the im2col folded in (fp32; runs where available(kFloat, 16), as
 // reads() says for fp32 images): one kPanel-column panel of

@@ -24,40 +24,42 @@ static_assert(kPanel % kChunk == 0, "a panel is whole chunks");
 
 using avx2_block::lanes;
 
-// R rows x V vectors (8 columns each) of one chunk; b points at its sub-panel ([K][kChunk]). As
-// patch_gemm.cpp's AVX-512 kernel: init, then one FMA per k in k order, the pixels prefetched ahead; but not the
+// R rows x V vectors (8 columns each) of one chunk over one channel: px[r] points at patch r's pixel (c, 0, 0), b at
+// the chunk's sub-panel for channel c ([P*P][kChunk]). As patch_gemm.cpp's AVX-512 kernel: init, then one FMA per k
+// in k order, the pixels prefetched ahead (within the channel); but not the
 // weight: its sub-panel is one sequential stream, and prefetching it 16 rows ahead as the AVX-512 kernel does cost
 // 85.7 -> 69.1 GFLOP/s (6 rows x 64 columns, patch 32, one thread, AMD EPYC Zen 3, FMA limit 101.5; without the
 // pixel prefetch too: 77.0).
 template <int R, int V>
-MCL_AVX2 void kernel(const float* px, int64_t sC, int64_t sH, int64_t P, int64_t C, const float* b, __m256i last,
+MCL_AVX2 void kernel(const float* const* px, int64_t sH, int64_t P, const float* b, __m256i last,
                      const float* init, int64_t ldi, float* out, int64_t ldo) {
   __m256 acc[R][V];
   avx2_block::load_block(acc, init, ldi, last);
   const int64_t ahead = (kAheadSteps + P - 1) / P;  // image rows
-  for (int64_t c = 0; c < C; ++c) {
-    for (int64_t u = 0; u < P; ++u) {
-      prefetch_row<float, R>(px, sC, sH, P, C, c, u + ahead);
-      const float* a = px + c * sC + u * sH;  // patch r's pixel q: a[r * P + q]
-      const float* bk = b + (c * P + u) * P * kChunk;
-      for (int64_t q = 0; q < P; ++q, bk += kChunk) {
-        __m256 w[V];
-#pragma GCC unroll 2
-        for (int v = 0; v < V; ++v) w[v] = _mm256_loadu_ps(bk + 8 * v);
+  const float* a[R];  // the patches' rows, in registers through the loop
 #pragma GCC unroll 6
-        for (int r = 0; r < R; ++r) {
-          const __m256 x = _mm256_broadcast_ss(a + r * P + q);
+  for (int r = 0; r < R; ++r) a[r] = px[r];
+  for (int64_t u = 0; u < P; ++u) {
+    prefetch_row<float, R>(a, 0, sH, P, 1, 0, u + ahead);  // no row past P: the channel's next call is far off
+    const int64_t o = u * sH;  // patch r's pixel q: a[r][o + q]
+    const float* bk = b + u * P * kChunk;
+    for (int64_t q = 0; q < P; ++q, bk += kChunk) {
+      __m256 w[V];
 #pragma GCC unroll 2
-          for (int v = 0; v < V; ++v) acc[r][v] = _mm256_fmadd_ps(w[v], x, acc[r][v]);
-        }
+      for (int v = 0; v < V; ++v) w[v] = _mm256_loadu_ps(bk + 8 * v);
+#pragma GCC unroll 6
+      for (int r = 0; r < R; ++r) {
+        const __m256 x = _mm256_broadcast_ss(a[r] + o + q);
+#pragma GCC unroll 2
+        for (int v = 0; v < V; ++v) acc[r][v] = _mm256_fmadd_ps(w[v], x, acc[r][v]);
       }
     }
   }
   avx2_block::store_block(acc, out, ldo, last);
 }
 
-using Kernel = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, const float*, __m256i, const float*, int64_t,
-                        float*, int64_t);
+using Kernel = void (*)(const float* const*, int64_t, int64_t, const float*, __m256i, const float*, int64_t, float*,
+                        int64_t);
 
 Kernel table(int64_t rows, int64_t vectors) {
   return instance<kRows>(rows, [vectors](auto r) {
@@ -99,14 +101,40 @@ WeightGradKernel weight_grad_table(int64_t rows) {
   return instance<kRows>(rows, [](auto r) -> WeightGradKernel { return weight_grad_kernel<decltype(r)::value>; });
 }
 
-}  // namespace
-
-MCL_AVX2 void run(const float* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t rows, const float* b,
-                  int64_t cols, const float* init, int64_t ldi, float* out, int64_t ldo) {
-  const int64_t K = C * P * P;
+// One kernel call per chunk of columns [0, cols) of the panel at b over channel c, from init's rows (ldi): the bias,
+// or for c > 0 the sums so far in out (fp32, so the FMA chain goes on exactly as in one call).
+MCL_AVX2 void chunks(const float* const* px, int64_t rows, int64_t sC, int64_t sH, int64_t P, int64_t c, const float* b,
+                     int64_t cols, const float* init, int64_t ldi, float* out, int64_t ldo) {
+  const float* a[kRows];
+  for (int64_t r = 0; r < rows; ++r) a[r] = px[r] + c * sC;
   for (int64_t c0 = 0; c0 < cols; c0 += kChunk) {
     const int64_t n = std::min(kChunk, cols - c0), vectors = (n + 7) / 8;
-    table(rows, vectors)(px, sC, sH, P, C, b + c0 * K, lanes(n - 8 * (vectors - 1)), init + c0, ldi, out + c0, ldo);
+    const float* sub = b + (c * kPanel + c0) * P * P;  // sub-panel c0 / kChunk of channel c
+    table(rows, vectors)(a, sH, P, sub, lanes(n - 8 * (vectors - 1)), init + c0, ldi, out + c0, ldo);
+  }
+}
+
+}  // namespace
+
+MCL_AVX2 void run(const float* const* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t rows,
+                  const float* b, int64_t cols, const float* init, int64_t ldi, float* out, int64_t ldo) {
+  for (int64_t c = 0; c < C; ++c) {
+    chunks(px, rows, sC, sH, P, c, b, cols, c == 0 ? init : out, c == 0 ? ldi : ldo, out, ldo);
+  }
+}
+
+void run_runs(const Run<float>* runs, int64_t n, int64_t sC, int64_t sH, int64_t P, int64_t C, const float* w,
+              int64_t D, int64_t q0, int64_t q1, int64_t ldi, int64_t ldo) {
+  const int64_t K = C * P * P;
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t i = 0; i < n; ++i) {
+      const Run<float>& run = runs[i];
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t d0 = q * kPanel;
+        chunks(run.px, run.rows, sC, sH, P, c, w + q * K * kPanel, std::min(kPanel, D - d0),
+               c == 0 ? run.init + d0 : run.out + d0, c == 0 ? ldi : ldo, run.out + d0, ldo);
+      }
+    }
   }
 }
 
@@ -118,8 +146,13 @@ void run_weight_grad(const float* a, int64_t lda, int64_t rows, const float* con
 
 #else
 
-void run(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t,
-         float*, int64_t) {
+void run(const float* const*, int64_t, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, const float*,
+         int64_t, float*, int64_t) {
+  TORCH_CHECK(false, "mcl_kernels: patch_gemm's AVX2 kernels need an x86-64 CPU");
+}
+
+void run_runs(const Run<float>*, int64_t, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
+              int64_t, int64_t) {
   TORCH_CHECK(false, "mcl_kernels: patch_gemm's AVX2 kernels need an x86-64 CPU");
 }
 
