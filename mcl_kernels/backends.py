@@ -355,12 +355,19 @@ AUTO_MIN_TOKENS_AMX: Dict[Tuple[str, torch.dtype], Tuple[Tuple[int, int], ...]] 
 #     at B = 1 (-bf16-b1.json, D = 192 and 768) 9-16x, 13-18x timm: so bf16 runs the C++ kernels at every size.
 #   fp32 (-fp32-grid.json, D = 192/384/768 x B = 1/16/64): mcl_embed forward D = 192 1.03-1.18, D = 384 0.70-0.88
 #     (1.16 once at B = 16), D = 768 0.66-0.75; forward+backward D = 192 1.08-1.22, D = 384 0.75-0.86, D = 768
-#     0.69-0.75 (the reference's oneDNN GEMMs run at ~98% of torch.mm there); embed_tokens 0.85-1.10 of timm, the
-#     reference (conv2d) 0.98-1.22: the C++ kernels from D = 192 down, the reference above, and for embed_tokens.
-AUTO_ORDER_AVX2: Dict[Tuple[str, torch.dtype], Tuple[str, ...]] = {
-    ("embed_tokens", torch.float32): ("reference",),
-}
+#     0.69-0.75 (the reference's oneDNN GEMMs run at ~98% of torch.mm there): the C++ kernels from D = 192 down, the
+#     reference above. Again with the AVX2 tile GEMM, the patch runs across patch rows and dE's packed gradients
+#     (-fp32-grid-runs.json): forward D = 192 0.98-1.08, D = 384 0.72-0.99, D = 768 0.64-0.96; forward+backward
+#     D = 192 1.00-1.05, D = 384 0.86-0.96, D = 768 0.78-0.89: the same split.
+#   embed_tokens fp32 (-fp32-infer-grid-runs.json, -fp32-infer-small-batches-runs.json; patch 32, B = 1..64): with the
+#     direct kernel's runs across patch rows, against the reference (conv2d + cat + add), B = 1 0.74-0.85, B = 2
+#     0.84-0.95, B = 4 1.04-1.18, B = 8-64 1.03-1.15 (timm's PatchEmbed: 1.03-1.21x from B = 4): the C++ kernel from
+#     4 images' patches (4 x 49) up; below, packing the weight for each call costs more than the kernel saves.
+#     Before those runs it had lost everywhere (0.85-1.10 of timm, the reference 0.98-1.22).
+# No op needs an order of its own on AVX2 CPUs now: the size rules below say where the reference runs.
+AUTO_ORDER_AVX2: Dict[Tuple[str, torch.dtype], Tuple[str, ...]] = {}
 AUTO_MIN_TOKENS_AVX2: Dict[Tuple[str, torch.dtype], Tuple[Tuple[int, int], ...]] = {
+    ("embed_tokens", torch.float32): ((_ANY_WIDTH, 4 * 49),),
     ("mcl_embed", torch.float32): ((192, 0), (_ANY_WIDTH, _ANY_WIDTH)),
     ("mcl_embed_backward", torch.float32): ((192, 0), (_ANY_WIDTH, _ANY_WIDTH)),
     ("mcl_embed", torch.bfloat16): ((_ANY_WIDTH, 0),),

@@ -40,7 +40,8 @@ def _grads_to_none(grads: Sequence[Tensor], needs: Sequence[bool]) -> List[Optio
 
 
 def _size(x: Tensor, proj_w: Tensor) -> Tuple[int, int]:
-    """(small tokens, width) of a training-embedding call: what backends.AUTO_MIN_TOKENS is measured in."""
+    """(patches, width) of an embedding call, the patches at the weight's patch size (a training embedding's small
+    tokens): what backends.AUTO_MIN_TOKENS is measured in."""
     p = proj_w.shape[-1]
     return x.shape[0] * (x.shape[-2] // p) * (x.shape[-1] // p), proj_w.shape[0]
 
@@ -175,7 +176,8 @@ def embed_tokens(x: Tensor, weight: Tensor, bias: Optional[Tensor], cls_token: O
     _checks.check_embed_tokens(x, weight, bias, cls_token, pos_embed)
     inputs = (x, weight, bias, cls_token, pos_embed)
     tiles = backends.on_amx_tiles("embed_tokens", x, weight.shape[-1])
-    return _own(backends.resolve("embed_tokens", backend, x.device, x.dtype, amx_tiles=tiles)(*inputs), x, inputs)
+    fn = backends.resolve("embed_tokens", backend, x.device, x.dtype, _size(x, weight), amx_tiles=tiles)
+    return _own(fn(*inputs), x, inputs)
 
 
 @embed_tokens.register_fake
