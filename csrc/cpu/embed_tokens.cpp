@@ -1,8 +1,8 @@
-// embed_tokens on the CPU: tiles of patches (whole images where there are enough), the same number per thread (at::parallel_for), each output row
-// starting from bias + pos[t0 + n], so the epilogue costs no extra pass. Small batches on the direct path split the
-// weight's panels over the threads instead (by_panels). bf16 images with unit W stride and a patch
-// that is a multiple of 16, on CPUs with AMX, go through amx_patch_gemm.h's tile kernels (embed_tokens_cpu_amx);
-// otherwise two ways through a tile:
+// embed_tokens on the CPU: tiles of patches (whole images where there are enough), the same number per thread
+// (at::parallel_for), each output row starting from bias + pos[t0 + n], so the epilogue costs no extra pass. Small
+// batches on the direct path split the weight's panels over the threads instead (by_panels). bf16 images with unit W
+// stride and a patch that is a multiple of 16, on CPUs with AMX, go through amx_patch_gemm.h's tile kernels
+// (embed_tokens_cpu_amx); otherwise two ways through a tile:
 //   direct (unit W stride; fp32 on AVX2 or AVX-512 CPUs, bf16 on AVX512-BF16 ones; embed_tokens_cpu_direct):
 //     patch_gemm.h's micro-kernels read the pixels straight from the image, no patch matrix at all;
 //   tiles (any dtype and strides, any CPU): the patches copied into a cache-sized patch matrix (implicit im2col:

@@ -2,9 +2,9 @@
 // fp32, patch_gemm_avx2.h) that read pixels straight from the image. Used by embed_tokens (inference), mcl_embed's
 // forward (S) and its backward (dE).
 //
-// For one patch row of the image and one channel c, the P x P patches j0 .. j0 + m - 1 (consecutive along W)
-// cover image rows y = i*P + u, columns [j0*P, (j0 + m)*P): patch j's pixels (c, u, v) sit at
-// row(c, u) + j*P + v. A kernel keeps an m x kPanel block of the output in registers, walks k = (c, u, v) in
+// A kernel call takes m <= max_rows() P x P patches by their origins: patch r's pixel (c, u, v) sits at
+// px[r] + c*sC + u*sH + v (any patches: consecutive ones of a patch row, or a run across patch rows). It keeps an
+// m x kPanel block of the output in registers, walks k = (c, u, v) in
 // the weight's order, broadcasting each patch's pixel and multiplying it by row k of a packed weight panel:
 // the patch matrix is never built, and each output element is one FMA chain over k in that fixed order, so
 // the result does not depend on how rows are split into calls or threads.
