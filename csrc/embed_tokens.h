@@ -49,6 +49,11 @@ bool embed_tokens_cpu_direct(const at::Tensor& x, int64_t patch);
 // W stride, a patch that is a multiple of 16, on a CPU with AMX-BF16 that the OS lets this process use.
 bool embed_tokens_cpu_amx(const at::Tensor& x, int64_t patch);
 
+// Whether embed_tokens_cpu runs bfloat16 x through the fp32 direct kernels on widened copies of each tile's images
+// (cpu/embed_tokens.cpp, embed_widened): bfloat16 with unit W stride, at least 32 images, where neither the bf16 direct
+// kernels nor the AMX tiles run but the fp32 ones do (AVX2 CPUs).
+bool embed_tokens_cpu_widened(const at::Tensor& x, int64_t patch);
+
 // Whether the direct path splits the weight's panels over the threads rather than the patches (cpu/embed_tokens.cpp,
 // by_panels: small batches, panels that divide evenly over at::get_num_threads()), for a weight of `width` rows.
 // Both splits give bitwise the same result.

@@ -241,6 +241,40 @@ def test_small_batches_split_the_weight_over_threads_bitwise_as_large_ones(dtype
         assert our_err <= 2 * torch_err + 1e-3, f"error {our_err:.3g} vs torch's own {torch_err:.3g}"
 
 
+@on_x86_with_flags
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("layout", ["contiguous", "sliced"])
+def test_bf16_batches_widen_to_the_fp32_kernels_where_only_those_run(layout, threads):
+    """Where the patch kernels run fp32 but not bf16 (AVX2 CPUs; AVX-512 without AVX512-BF16) and no AMX tiles do,
+    bf16 batches of 32 images or more with unit W stride go through the fp32 direct kernels on widened copies of each tile's images
+    (embed_tokens_cpu_widened): bitwise the fp32 result of the same values rounded once, and an image the same alone
+    (patch-matrix path) as in the batch. Patch 14, D = 100 (a ragged second panel), patch rows of 3."""
+    inputs = make_inputs((33, 3, 28, 42, 100, 14), "bias+cls+pos", layout, dtype=torch.bfloat16)
+    x = inputs[0]
+    fp32_kernels = _C.patch_gemm_isa() != "none"
+    want = (fp32_kernels and x.stride(3) == 1 and not _C.embed_tokens_cpu_direct(x, 14)
+            and not _C.embed_tokens_cpu_amx(x, 14))  # "sliced": W stride 2, the patch-matrix path
+    assert _C.embed_tokens_cpu_widened(x, 14) == want
+    assert not _C.embed_tokens_cpu_widened(x[:31], 14)  # below 32 images the patch matrix measured as fast
+    assert not _C.embed_tokens_cpu_widened(x.float(), 14)
+    assert not _C.embed_tokens_cpu_widened(x.contiguous(memory_format=torch.channels_last), 14)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        out = embed(*inputs)
+        alone = embed(x[7:8], *inputs[1:])
+        widened = embed(*[t.float() for t in inputs]).bfloat16()
+    finally:
+        torch.set_num_threads(before)
+    if want:
+        assert torch.equal(out, widened), "the widened bf16 path differs from the fp32 result rounded"
+        assert torch.equal(out[7:8], alone), "an image alone differs from the same image in a widened batch"
+    exact = reference(*to64(*inputs))
+    torch_err = (reference(*inputs).double() - exact).abs().max().item()
+    our_err = (out.double() - exact).abs().max().item()
+    assert our_err <= 2 * torch_err + 1e-3, f"error {our_err:.3g} vs torch's own {torch_err:.3g}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_patch_matrix_path_with_a_padded_weight_stride(dtype):
     """D = 1024: the packed weight's rows would be 4 KiB apart, so they are packed with a padded stride

@@ -16,6 +16,7 @@
 // patch matrix + brgemm (D = 384, B = 64, fp32 and bf16, 2 threads).
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -158,6 +159,65 @@ void embed_direct(const at::Tensor& x, const at::Tensor& w2d, const Plan<float>&
   });
 }
 
+// Images a bf16 batch needs for embed_widened: below, the patch-matrix path measured as fast or faster (widening and
+// per-thread buffers cost more than the direct kernels save). Patch 32, 2 threads, AMD EPYC Zen 3, paired, time of
+// the patch-matrix path / time of embed_widened: B = 1 0.76-0.84, B = 4-8 0.93-1.03, B = 16 0.99-1.23, B = 32 1.06,
+// B = 64 1.14-1.29 (D = 192-768; benchmarks/results/patch-runs-ab-cpu-2core-zen3.txt).
+constexpr int64_t kWidenedMinImages = 32;
+
+// bf16 images with unit W stride where only the fp32 patch kernels run (AVX2 CPUs: no bf16 dot products;
+// embed_tokens_cpu_widened): the direct path in fp32. Each tile's images are widened to fp32 (exact) into a per-thread
+// buffer, the weight once, and the tile's rows summed in fp32 from bias + position and rounded once into the output:
+// the fp32 result of the same values, rounded (tested bitwise). The patch-matrix path it replaces multiplied bf16 on
+// the AVX2 tile GEMM at its fp32 rate behind an im2col copy.
+void embed_widened(const at::Tensor& x, const at::Tensor& w2d, const Plan<float>& plan, const EmbedShape& s,
+                   at::Tensor& out) {
+  namespace pg = cpu::patch_gemm;
+  using bf16 = c10::BFloat16;
+  const int64_t D = s.D, P = s.P, K = s.C * P * P, Q = pg::panels(D), N = s.N;
+  const at::Tensor wf = w2d.to(at::kFloat).contiguous();
+  at::Tensor wp = at::empty({Q * K * pg::kPanel}, wf.options());
+  pg::pack(wf.data_ptr<float>(), D, K, P * P, wp.data_ptr<float>());
+  const auto* xp = static_cast<const bf16*>(x.const_data_ptr());
+  const int64_t sB = x.stride(0), sC = x.stride(1), sH = x.stride(2), HW = s.H * s.W, img = s.C * HW;
+  bf16* op = static_cast<bf16*>(out.data_ptr());
+  const float* add = plan.add.data();
+  int64_t images_max = 0, rows_max = 0;  // over the tiles: the images a tile's patches lie in, and its rows
+  for (int64_t tile = 0; tile < plan.ntiles; ++tile) {
+    const int64_t r0 = plan.row0(tile), r1 = plan.row1(tile);
+    if (r1 > r0) images_max = std::max(images_max, (r1 - 1) / N + 1 - r0 / N), rows_max = std::max(rows_max, r1 - r0);
+  }
+  at::parallel_for(0, plan.slots, 1, [&](int64_t s0, int64_t s1) {
+    const std::unique_ptr<float[]> xbuf(new float[images_max * img]), sums(new float[rows_max * D]);
+    std::vector<pg::Run<float>> runs;
+    for (int64_t tile = s0 * plan.per_slot; tile < s1 * plan.per_slot; ++tile) {
+      const int64_t r0 = plan.row0(tile), r1 = plan.row1(tile);
+      if (r0 == r1) continue;
+      const int64_t b0 = r0 / N, b1 = (r1 - 1) / N + 1;  // the images the tile's patches lie in
+      for (int64_t b = b0; b < b1; ++b) {
+        for (int64_t c = 0; c < s.C; ++c) {
+          for (int64_t y = 0; y < s.H; ++y) {
+            cpu::simd::to_float(xp + b * sB + c * sC + y * sH, xbuf.get() + (b - b0) * img + c * HW + y * s.W, s.W);
+          }
+        }
+      }
+      runs.clear();
+      for_each_run(s, r0, r1, [&](int64_t b, int64_t n, int64_t m) {
+        pg::Run<float> run{{}, m, add + n * D, sums.get() + (b * N + n - r0) * D};
+        const float* ib = xbuf.get() + (b - b0) * img;
+        for (int64_t r = 0; r < m; ++r) run.px[r] = ib + ((n + r) / s.Wp) * P * s.W + ((n + r) % s.Wp) * P;
+        runs.push_back(run);
+      });
+      pg::run_runs(runs.data(), static_cast<int64_t>(runs.size()), HW, s.W, P, s.C, wp.data_ptr<float>(), D, 0, Q, D,
+                   D);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / N, n = r % N;
+        cpu::simd::to_bf16(sums.get() + (r - r0) * D, op + (b * s.T + s.t0 + n) * D, D);
+      }
+    }
+  });
+}
+
 // Groups of patches per amx::run call: 8 x 16 patches' pixels (768 KiB at patch 32) stay in L2 beside a pair of
 // the weight's 16-column blocks (192 KiB) while the call walks the column blocks.
 constexpr int64_t kAmxGroupsPerCall = 8;
@@ -295,6 +355,12 @@ void embed_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optiona
       return embed_direct<scalar_t>(x, w2d, plan, s, out);
     }
   }
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (embed_tokens_cpu_widened(x, s.P)) {
+      plan.whole_images(s);
+      return embed_widened(x, w2d, plan, s, out);
+    }
+  }
   embed_tiles<scalar_t>(x, w2d, plan, s, out);
 }
 
@@ -315,6 +381,12 @@ bool embed_tokens_cpu_by_panels(const at::Tensor& x, int64_t width, int64_t patc
 }
 
 bool embed_tokens_cpu_amx(const at::Tensor& x, int64_t patch) { return cpu::amx::reads(x, patch); }
+
+bool embed_tokens_cpu_widened(const at::Tensor& x, int64_t patch) {
+  return x.scalar_type() == at::kBFloat16 && x.dim() == 4 && x.size(0) >= kWidenedMinImages && (x.stride(3) == 1 || x.size(3) <= 1) &&
+         cpu::patch_gemm::available(at::kFloat, patch) && !embed_tokens_cpu_direct(x, patch) &&
+         !embed_tokens_cpu_amx(x, patch);
+}
 
 at::Tensor embed_tokens_cpu(const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias,
