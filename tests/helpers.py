@@ -3,8 +3,22 @@ from __future__ import annotations
 
 from typing import Optional
 
+import pytest
 import torch
 from torch import Tensor
+
+
+def extension_or_skip():
+    """``mcl_kernels._C``; where it is not built, skips the calling test module. Any other import failure (ABI,
+    symbols) is a real error and propagates."""
+    try:
+        from mcl_kernels import _C
+    except ModuleNotFoundError as exc:
+        if exc.name != "mcl_kernels._C":
+            raise
+        pytest.skip("mcl_kernels._C is not built; build it with `pip install --no-build-isolation -e .`",
+                    allow_module_level=True)
+    return _C
 
 
 def assert_close(name: str, actual: Optional[Tensor], expected: Optional[Tensor], atol: float, rtol: float = 0.0):

@@ -16,16 +16,10 @@ import pytest
 import torch
 
 import mcl_kernels as mk
-from helpers import assert_close, mcl_embed_inputs, rand
+from helpers import assert_close, extension_or_skip, mcl_embed_inputs, rand
 from mcl_kernels import reference
 
-try:
-    from mcl_kernels import _C
-except ModuleNotFoundError as exc:  # not built; any other import failure (ABI, symbols) is a real error
-    if exc.name != "mcl_kernels._C":
-        raise
-    pytest.skip("mcl_kernels._C is not built; build it with `pip install --no-build-isolation -e .`",
-                allow_module_level=True)
+_C = extension_or_skip()
 
 # (B, C, H, W, p, k, D)
 SHAPES = [
@@ -329,11 +323,11 @@ def isas():
                                    (1, 2, 28, 28, 4, 7, 24)], ids=shape_id)
 def test_every_isa_forward_and_backward_alike(shape, isas):
     """The training op with the kernels of every ISA this CPU has (AVX-512, AVX2, none: S and dE through the im2col
-    tile): outputs and every gradient within fp32 rounding of the float64 reference; S (the patch kernels alone)
-    bitwise alike under AVX-512 and AVX2, each element the same FMA chain. The rest goes through the tile GEMMs,
-    oneDNN's brgemm under AVX-512 and gemm_avx2 under AVX2, whose sums differ in order. Shapes: rows of 5 + 5 patches and of 7 (k = 7),
-    and dE's blocks of 6 and 7 rows at D = 40 (for_each_block gives AVX2 at most 6: 7 -> 4 + 3), ragged 16-column chunks (D = 20,
-    40, 72), patch 16 and 32 (dE from the pixels)."""
+    tile): outputs and every gradient within fp32 rounding of the float64 reference; S (the patch kernels alone) bitwise
+    alike under AVX-512 and AVX2, each element the same FMA chain. The rest goes through the tile GEMMs, oneDNN's brgemm
+    under AVX-512 and gemm_avx2 under AVX2, whose sums differ in order. Shapes: rows of 5 + 5 patches and of 7 (k = 7),
+    and dE's blocks of 6 and 7 rows at D = 40 (for_each_block gives AVX2 at most 6: 7 -> 4 + 3), ragged 16-column chunks
+    (D = 20, 40, 72), patch 16 and 32 (dE from the pixels)."""
     inputs = make_inputs(shape, "untied")
     ups = upstream(_C.mcl_embed(*inputs[:7], inputs[7]))
     results = {}

@@ -12,15 +12,10 @@ import random
 import pytest
 import torch
 
+from helpers import extension_or_skip
 from mcl_kernels import functional as F
 
-try:
-    from mcl_kernels import _C  # noqa: F401
-except ModuleNotFoundError as exc:
-    if exc.name != "mcl_kernels._C":
-        raise
-    pytest.skip("mcl_kernels._C is not built; build it with `pip install --no-build-isolation -e .`",
-                allow_module_level=True)
+extension_or_skip()  # the cpu backend's ops need it
 
 DTYPES = [torch.float32, torch.float32, torch.bfloat16, torch.float64, torch.float16]
 

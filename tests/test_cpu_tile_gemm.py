@@ -10,15 +10,9 @@ K1 and then one over K2 give, and bf16 operands give bitwise the fp32 result of 
 import pytest
 import torch
 
-from helpers import assert_close
+from helpers import assert_close, extension_or_skip
 
-try:
-    from mcl_kernels import _C
-except ModuleNotFoundError as exc:  # not built; any other import failure (ABI, symbols) is a real error
-    if exc.name != "mcl_kernels._C":
-        raise
-    pytest.skip("mcl_kernels._C is not built; build it with `pip install --no-build-isolation -e .`",
-                allow_module_level=True)
+_C = extension_or_skip()
 
 BEST = _C.patch_gemm_best_isa()
 # One patch-kernel ISA setting per tile-GEMM path: "avx2" (gemm_avx2) where the CPU has AVX2, and brgemm under the

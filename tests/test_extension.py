@@ -9,16 +9,10 @@ import platform
 import pytest
 import torch
 
-from helpers import assert_close, make_image, rand
+from helpers import assert_close, extension_or_skip, make_image, rand
 from mcl_kernels.reference import embed_tokens as reference
 
-try:
-    from mcl_kernels import _C
-except ModuleNotFoundError as exc:  # not built; any other import failure (ABI, symbols) is a real error
-    if exc.name != "mcl_kernels._C":
-        raise
-    pytest.skip("mcl_kernels._C is not built; build it with `pip install --no-build-isolation -e .`",
-                allow_module_level=True)
+_C = extension_or_skip()
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device available")
 needs_cuda_build = pytest.mark.skipif(not _C.built_with_cuda, reason="mcl_kernels._C was built without CUDA")
@@ -246,9 +240,9 @@ def test_small_batches_split_the_weight_over_threads_bitwise_as_large_ones(dtype
 @pytest.mark.parametrize("layout", ["contiguous", "sliced"])
 def test_bf16_batches_widen_to_the_fp32_kernels_where_only_those_run(layout, threads):
     """Where the patch kernels run fp32 but not bf16 (AVX2 CPUs; AVX-512 without AVX512-BF16) and no AMX tiles do,
-    bf16 batches of 32 images or more with unit W stride go through the fp32 direct kernels on widened copies of each tile's images
-    (embed_tokens_cpu_widened): bitwise the fp32 result of the same values rounded once, and an image the same alone
-    (patch-matrix path) as in the batch. Patch 14, D = 100 (a ragged second panel), patch rows of 3."""
+    bf16 batches of 32 images or more with unit W stride go through the fp32 direct kernels on widened copies of each
+    tile's images (embed_tokens_cpu_widened): bitwise the fp32 result of the same values rounded once, and an image the
+    same alone (patch-matrix path) as in the batch. Patch 14, D = 100 (a ragged second panel), patch rows of 3."""
     inputs = make_inputs((33, 3, 28, 42, 100, 14), "bias+cls+pos", layout, dtype=torch.bfloat16)
     x = inputs[0]
     fp32_kernels = _C.patch_gemm_isa() != "none"

@@ -1,5 +1,5 @@
 // What the AVX2 + FMA kernels (patch_gemm_avx2.cpp, gemm_avx2.cpp) share: an R x V block of 8-float accumulators
-// loaded from and stored to rows of a matrix, the last vector of a row masked to the chunk's width. Include only from
+// loaded from and stored to rows of a matrix, the last vector of a row masked to the chunk's width, and its k step. Include only from
 // x86-64 sources compiled with GCC or Clang; every function here carries its own target attribute.
 #pragma once
 
@@ -44,6 +44,21 @@ MCL_AVX2 __attribute__((always_inline)) inline void store_block(const __m256 (&a
         _mm256_storeu_ps(dst + r * ld + 8 * v, acc[r][v]);
       }
     }
+  }
+}
+
+// One k step of an R x V block: acc[r][v] += w[v] * x(r), w[v] = the 8 floats at w + 8v, x(r) the float at x(r)
+// broadcast (the caller's addressing: rows of A, or patches' pixels).
+template <int R, int V, typename X>
+MCL_AVX2 __attribute__((always_inline)) inline void fma_step(__m256 (&acc)[R][V], const float* w, X&& x) {
+  __m256 wv[V];
+#pragma GCC unroll 2
+  for (int v = 0; v < V; ++v) wv[v] = _mm256_loadu_ps(w + 8 * v);
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) {
+    const __m256 b = _mm256_broadcast_ss(x(r));
+#pragma GCC unroll 2
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm256_fmadd_ps(wv[v], b, acc[r][v]);
   }
 }
 

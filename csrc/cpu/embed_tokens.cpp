@@ -83,6 +83,12 @@ struct Plan {
   int64_t row1(int64_t tile) const { return (tile + 1) * units / ntiles * unit; }
 };
 
+// Pixel (0, 0, 0) of patch n of the image at `image` (row stride sH, unit W stride).
+template <typename T>
+inline const T* patch_origin(const T* image, const EmbedShape& s, int64_t sH, int64_t n) {
+  return image + (n / s.Wp) * s.P * sH + (n % s.Wp) * s.P;
+}
+
 // Calls f(b, n, m) for runs of m <= patch_gemm::max_rows() patches n .. n + m - 1 of image b (in the flat order:
 // along a patch row, then on to the next) covering rows [r0, r1), each image's rows as even runs as they go. A
 // run may cross patch rows, since the kernels take each patch's origin: runs cut at each patch row's end have
@@ -136,7 +142,7 @@ void embed_direct(const at::Tensor& x, const at::Tensor& w2d, const Plan<float>&
     runs.clear();
     for_each_run(s, r0, r1, [&](int64_t b, int64_t n, int64_t m) {
       pg::Run<scalar_t> run{{}, m, add + n * D, op + (b * s.T + s.t0 + n) * D};
-      for (int64_t r = 0; r < m; ++r) run.px[r] = xp + b * sB + ((n + r) / s.Wp) * P * sH + ((n + r) % s.Wp) * P;
+      for (int64_t r = 0; r < m; ++r) run.px[r] = patch_origin(xp + b * sB, s, sH, n + r);
       runs.push_back(run);
     });
   };
@@ -205,7 +211,7 @@ void embed_widened(const at::Tensor& x, const at::Tensor& w2d, const Plan<float>
       for_each_run(s, r0, r1, [&](int64_t b, int64_t n, int64_t m) {
         pg::Run<float> run{{}, m, add + n * D, sums.get() + (b * N + n - r0) * D};
         const float* ib = xbuf.get() + (b - b0) * img;
-        for (int64_t r = 0; r < m; ++r) run.px[r] = ib + ((n + r) / s.Wp) * P * s.W + ((n + r) % s.Wp) * P;
+        for (int64_t r = 0; r < m; ++r) run.px[r] = patch_origin(ib, s, s.W, n + r);
         runs.push_back(run);
       });
       pg::run_runs(runs.data(), static_cast<int64_t>(runs.size()), HW, s.W, P, s.C, wp.data_ptr<float>(), D, 0, Q, D,
@@ -239,7 +245,7 @@ void embed_amx(const at::Tensor& x, const at::Tensor& w2d, const Plan<float>& pl
   std::vector<amx::Group> groups;
   if (s.B >= std::min(amx::kRows, s.Wp)) {
     for (int64_t n = 0; n < N; ++n) {
-      const bf16* px = xp + (n / s.Wp) * P * sH + (n % s.Wp) * P;
+      const bf16* px = patch_origin(xp, s, sH, n);
       for (int64_t b0 = 0; b0 < s.B; b0 += amx::kRows) {
         groups.push_back({px + b0 * sB, sB, std::min(amx::kRows, s.B - b0), add + n * D, 0,
                           op + (b0 * T + s.t0 + n) * D, T * D});
@@ -383,7 +389,8 @@ bool embed_tokens_cpu_by_panels(const at::Tensor& x, int64_t width, int64_t patc
 bool embed_tokens_cpu_amx(const at::Tensor& x, int64_t patch) { return cpu::amx::reads(x, patch); }
 
 bool embed_tokens_cpu_widened(const at::Tensor& x, int64_t patch) {
-  return x.scalar_type() == at::kBFloat16 && x.dim() == 4 && x.size(0) >= kWidenedMinImages && (x.stride(3) == 1 || x.size(3) <= 1) &&
+  return x.scalar_type() == at::kBFloat16 && x.dim() == 4 && x.size(0) >= kWidenedMinImages &&
+         (x.stride(3) == 1 || x.size(3) <= 1) &&
          cpu::patch_gemm::available(at::kFloat, patch) && !embed_tokens_cpu_direct(x, patch) &&
          !embed_tokens_cpu_amx(x, patch);
 }

@@ -39,15 +39,7 @@ MCL_AVX2 void kernel(const float* a, int64_t lda, const float* b, int64_t kb, __
     }
   }
   for (int64_t k = 0; k < kb; ++k, b += kChunk) {
-    __m256 w[V];
-#pragma GCC unroll 2
-    for (int v = 0; v < V; ++v) w[v] = _mm256_loadu_ps(b + 8 * v);
-#pragma GCC unroll 6
-    for (int r = 0; r < R; ++r) {
-      const __m256 x = _mm256_broadcast_ss(a + r * lda + k);
-#pragma GCC unroll 2
-      for (int v = 0; v < V; ++v) acc[r][v] = _mm256_fmadd_ps(w[v], x, acc[r][v]);
-    }
+    avx2_block::fma_step(acc, b, [&](int r) { return a + r * lda + k; });
   }
   avx2_block::store_block(acc, c, ldc, last);
 }

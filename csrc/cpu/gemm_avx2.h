@@ -2,9 +2,10 @@
 // GEMMs of the fused CPU kernels (tile_gemm.h's Gemm<float>) run here where patch_gemm::isa() is AVX2.
 //
 // oneDNN's brgemm, which those GEMMs use elsewhere, ran the training step's tile shapes at 45-71% of one core's FMA
-// limit on an AMD EPYC Zen 3 with its operands in L2, this kernel at 73-86% (benchmarks/gemm_cache.py). This is that kernel's shape over row-major operands: K in blocks of kBlockK; per block, each
-// 16-column chunk of B is copied into a [kBlockK][16] buffer (16 KiB, one sequential stream that stays in L1), then
-// every block of up to 6 rows of A runs over it with 6 x 16 accumulators in registers. Each element of C is one FMA
+// limit on an AMD EPYC Zen 3 with its operands in L2, this kernel at 73-86% (benchmarks/gemm_cache.py). It has the
+// AVX2 patch kernels' shape, over row-major operands: K in blocks of kBlockK; per block, each 16-column chunk of B
+// is copied into a [kBlockK][16] buffer (16 KiB, one sequential stream that stays in L1), then every block of up to
+// 6 rows of A runs over it with 6 x 16 accumulators in registers. Each element of C is one FMA
 // chain over k in order, K blocks in order, whatever M or the caller's tiling: results depend on K only, not on
 // which rows or threads a call covers.
 #pragma once

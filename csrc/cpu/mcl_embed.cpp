@@ -9,11 +9,12 @@
 //   L = G W_c^T + b_c (GEMM, straight into the output L)
 //   R = ungroup(L W_d^T + b_d) (GEMM + scatter into the output R)
 // on buffers of one tile (kForwardTileTokens), tiles dealt to threads as they free up (for_each_item), GEMMs through
-// tile_gemm.h (single-threaded: oneDNN brgemm, or gemm_avx2.h's kernel on AVX2 CPUs). Nothing of batch size is allocated but the outputs. For fp32 and
-// bf16 images with unit W stride on CPUs with the patch kernels (patch_gemm::reads: AVX2 or AVX-512 for fp32,
-// AVX512-BF16 for bf16), S is computed from the pixels straight into the output by
-// patch_gemm.h's kernels instead (no im2col tile; 2-4% faster forward at D = 384, B = 64), and G gathered from it;
-// bf16 with p a multiple of 16 on CPUs with AMX, by amx_patch_gemm.h's tile kernels (S: 65 -> 14 thread-ms there).
+// tile_gemm.h (single-threaded: oneDNN brgemm, or gemm_avx2.h's kernel on AVX2 CPUs). Nothing of batch size is
+// allocated but the outputs. For fp32 and bf16 images with unit W stride on CPUs with the patch kernels
+// (patch_gemm::reads: AVX2 or AVX-512 for fp32, AVX512-BF16 for bf16), S is computed from the pixels straight into the
+// output by patch_gemm.h's kernels instead (no im2col tile; 2-4% faster forward at D = 384, B = 64), and G gathered
+// from it; bf16 with p a multiple of 16 on CPUs with AMX, by amx_patch_gemm.h's tile kernels (S: 65 -> 14 thread-ms
+// there).
 //
 // Backward, per tile, from the upstream gradients and the saved S, L (outputs, alive anyway):
 //   gRg = group(gR):            dW_d += gRg^T L, db_d += colsum gRg,   gl = gL + gRg W_d

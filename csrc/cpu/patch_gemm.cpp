@@ -176,12 +176,8 @@ Kernel<T> table(int64_t rows, int64_t vectors) {
 template <typename T>
 void dispatch(const T* const* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t rows, const T* b,
               int64_t cols, const float* init, int64_t ldi, float* out, int64_t ldo) {
-  TORCH_CHECK(available(c10::CppTypeToScalarType<T>::value, P) && rows >= 1 && rows <= max_rows() && cols >= 1 &&
-                  cols <= kPanel,
-              "mcl_kernels: patch_gemm::run called outside its contract");
-  if constexpr (std::is_same_v<T, float>) {
-    if (isa() == Isa::kAvx2) return avx2::run(px, sC, sH, P, C, rows, b, cols, init, ldi, out, ldo);
-  }
+  TORCH_CHECK(isa() == Isa::kAvx512 && rows >= 1 && rows <= kMaxRows && cols >= 1 && cols <= kPanel,
+              "mcl_kernels: patch_gemm's AVX-512 kernels called outside their contract");
   const int64_t vectors = (cols + 15) / 16, tail = cols - 16 * (vectors - 1);
   const auto last = static_cast<__mmask16>(tail >= 16 ? 0xFFFF : (1u << tail) - 1);
   table<T>(rows, vectors)(px, sC, sH, P, C, b, last, init, ldi, out, ldo);
@@ -279,16 +275,55 @@ bool available(c10::ScalarType dtype, int64_t P) {
   return dtype == c10::kBFloat16 && isa() == Isa::kAvx512 && bf16 && P % 2 == 0;
 }
 
-void run(const float* const* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t rows, const float* b,
-         int64_t cols, const float* init, int64_t ldi, float* out, int64_t ldo) {
+namespace {
+
+// One AVX-512 kernel call: `rows` patches by `cols` columns of one panel, all of K.
+void run_call(const float* const* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t rows, const float* b,
+              int64_t cols, const float* init, int64_t ldi, float* out, int64_t ldo) {
   dispatch(px, sC, sH, P, C, rows, b, cols, init, ldi, out, ldo);
 }
 
-void run(const c10::BFloat16* const* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t rows,
-         const c10::BFloat16* b, int64_t cols, const float* init, int64_t ldi, c10::BFloat16* out, int64_t ldo) {
+void run_call(const c10::BFloat16* const* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t rows,
+              const c10::BFloat16* b, int64_t cols, const float* init, int64_t ldi, c10::BFloat16* out, int64_t ldo) {
   float sums[kMaxRows * kPanel];  // the block's fp32 sums, rounded once into the output
   dispatch(px, sC, sH, P, C, rows, b, cols, init, ldi, sums, kPanel);
   for (int64_t r = 0; r < rows; ++r) simd::to_bf16(sums + r * kPanel, out + r * ldo, cols);
+}
+
+template <typename T>
+void runs_dispatch(const Run<T>* runs, int64_t n, int64_t sC, int64_t sH, int64_t P, int64_t C, const T* w, int64_t D,
+                   int64_t q0, int64_t q1, int64_t ldi, int64_t ldo) {
+  TORCH_CHECK(available(c10::CppTypeToScalarType<T>::value, P) && n >= 0 && 0 <= q0 && q0 <= q1 && q1 <= panels(D),
+              "mcl_kernels: patch_gemm::run_runs called outside its contract (", n, " runs, panels [", q0, ", ", q1,
+              ") of ", panels(D), ", ", c10::CppTypeToScalarType<T>::value, " patch ", P, " on ", isa_name(isa()),
+              ")");
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(runs[i].rows >= 1 && runs[i].rows <= max_rows(), "mcl_kernels: patch_gemm::run_runs: a run of ",
+                runs[i].rows, " patches (1 to ", max_rows(), " expected)");
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    if (isa() == Isa::kAvx2) return avx2::run_runs(runs, n, sC, sH, P, C, w, D, q0, q1, ldi, ldo);
+  }
+  const int64_t K = C * P * P;
+  for (int64_t q = q0; q < q1; ++q) {
+    const int64_t d0 = q * kPanel, cols = std::min(kPanel, D - d0);
+    for (int64_t i = 0; i < n; ++i) {
+      run_call(runs[i].px, sC, sH, P, C, runs[i].rows, w + q * K * kPanel, cols, runs[i].init + d0, ldi,
+               runs[i].out + d0, ldo);
+    }
+  }
+}
+
+}  // namespace
+
+void run_runs(const Run<float>* runs, int64_t n, int64_t sC, int64_t sH, int64_t P, int64_t C, const float* w,
+              int64_t D, int64_t q0, int64_t q1, int64_t ldi, int64_t ldo) {
+  runs_dispatch(runs, n, sC, sH, P, C, w, D, q0, q1, ldi, ldo);
+}
+
+void run_runs(const Run<c10::BFloat16>* runs, int64_t n, int64_t sC, int64_t sH, int64_t P, int64_t C,
+              const c10::BFloat16* w, int64_t D, int64_t q0, int64_t q1, int64_t ldi, int64_t ldo) {
+  runs_dispatch(runs, n, sC, sH, P, C, w, D, q0, q1, ldi, ldo);
 }
 
 #else
@@ -305,52 +340,16 @@ void run_weight_grad(const float*, int64_t, int64_t, const float* const*, int64_
   TORCH_CHECK(false, "mcl_kernels: patch_gemm needs an x86-64 CPU with AVX2 and FMA, or AVX-512F");
 }
 
-void run(const float* const*, int64_t, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, const float*,
-         int64_t, float*, int64_t) {
+void run_runs(const Run<float>*, int64_t, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
+              int64_t, int64_t) {
   TORCH_CHECK(false, "mcl_kernels: patch_gemm needs an x86-64 CPU with AVX2 and FMA, or AVX-512F");
 }
 
-void run(const c10::BFloat16* const*, int64_t, int64_t, int64_t, int64_t, int64_t, const c10::BFloat16*, int64_t,
-         const float*, int64_t, c10::BFloat16*, int64_t) {
+void run_runs(const Run<c10::BFloat16>*, int64_t, int64_t, int64_t, int64_t, int64_t, const c10::BFloat16*, int64_t,
+              int64_t, int64_t, int64_t, int64_t) {
   TORCH_CHECK(false, "mcl_kernels: patch_gemm needs an x86-64 CPU with AVX512-BF16");
 }
 
 #endif
-
-namespace {
-
-template <typename T>
-void runs_dispatch(const Run<T>* runs, int64_t n, int64_t sC, int64_t sH, int64_t P, int64_t C, const T* w, int64_t D,
-                   int64_t q0, int64_t q1, int64_t ldi, int64_t ldo) {
-  TORCH_CHECK(n >= 0 && 0 <= q0 && q0 <= q1 && q1 <= panels(D), "mcl_kernels: patch_gemm::run_runs called outside its "
-              "contract (", n, " runs, panels [", q0, ", ", q1, ") of ", panels(D), ")");
-  for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(runs[i].rows >= 1 && runs[i].rows <= max_rows(), "mcl_kernels: patch_gemm::run_runs: a run of ",
-                runs[i].rows, " patches (1 to ", max_rows(), " expected)");
-  }
-  if constexpr (std::is_same_v<T, float>) {
-    if (isa() == Isa::kAvx2) return avx2::run_runs(runs, n, sC, sH, P, C, w, D, q0, q1, ldi, ldo);
-  }
-  const int64_t K = C * P * P;
-  for (int64_t q = q0; q < q1; ++q) {
-    const int64_t d0 = q * kPanel, cols = std::min(kPanel, D - d0);
-    for (int64_t i = 0; i < n; ++i) {
-      run(runs[i].px, sC, sH, P, C, runs[i].rows, w + q * K * kPanel, cols, runs[i].init + d0, ldi, runs[i].out + d0,
-          ldo);
-    }
-  }
-}
-
-}  // namespace
-
-void run_runs(const Run<float>* runs, int64_t n, int64_t sC, int64_t sH, int64_t P, int64_t C, const float* w,
-              int64_t D, int64_t q0, int64_t q1, int64_t ldi, int64_t ldo) {
-  runs_dispatch(runs, n, sC, sH, P, C, w, D, q0, q1, ldi, ldo);
-}
-
-void run_runs(const Run<c10::BFloat16>* runs, int64_t n, int64_t sC, int64_t sH, int64_t P, int64_t C,
-              const c10::BFloat16* w, int64_t D, int64_t q0, int64_t q1, int64_t ldi, int64_t ldo) {
-  runs_dispatch(runs, n, sC, sH, P, C, w, D, q0, q1, ldi, ldo);
-}
 
 }  // namespace mcl::cpu::patch_gemm

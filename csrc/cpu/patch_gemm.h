@@ -44,7 +44,7 @@ void set_isa(Isa isa);  // throws where the CPU lacks it
 bool available(c10::ScalarType dtype, int64_t P);
 
 // Whether the kernels can read the images x [B, C, H, W] for patch size P: available() for x's dtype, and a unit
-// W stride (other strides and offsets are free). The one rule every caller of run() goes by.
+// W stride (other strides and offsets are free). The one rule every caller of run_runs() goes by.
 bool reads(const at::Tensor& x, int64_t P);
 
 inline int64_t panels(int64_t D) { return (D + kPanel - 1) / kPanel; }
@@ -112,16 +112,6 @@ void pack(const c10::BFloat16* w, int64_t D, int64_t K, int64_t block, c10::BFlo
 void pack_panel(const float* w, int64_t D, int64_t K, int64_t block, int64_t q, float* dst);
 void pack_panel(const c10::BFloat16* w, int64_t D, int64_t K, int64_t block, int64_t q, c10::BFloat16* dst);
 
-// out[r, 0:cols] (row stride ldo) for r < rows (1..max_rows()), with cols (1..kPanel) of panel `b`:
-//   out[r, :] = init[r, :] + sum over c < C, u < P, v < P of px[r][c*sC + u*sH + v] * b[k, :],
-// k = (c*P + u)*P + v, init's row stride ldi (0: one row for all); px[r] points at pixel (0, 0, 0) of patch r (any
-// patches of one image or of several: consecutive ones of a patch row, or runs across patch rows), unit W stride.
-// Accumulates in fp32 (bf16: products of bf16 pairs, summed in fp32 and rounded once into out).
-void run(const float* const* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t rows, const float* b,
-         int64_t cols, const float* init, int64_t ldi, float* out, int64_t ldo);
-void run(const c10::BFloat16* const* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t rows,
-         const c10::BFloat16* b, int64_t cols, const float* init, int64_t ldi, c10::BFloat16* out, int64_t ldo);
-
 // A run of patches for run_runs: patch r (r < rows <= max_rows()) has its pixel (0, 0, 0) at px[r], its output row
 // at out + r * ldo and its starting row at init + r * ldi (ldo, ldi: run_runs' arguments).
 template <typename T>
@@ -132,13 +122,14 @@ struct Run {
   T* out;
 };
 
-// run() for each of the n runs and each panel q in [q0, q1) of the packed weight w (all of pack()'s panels, D
-// columns): columns [q*kPanel, min((q+1)*kPanel, D)) of the runs' output rows, from the same columns of their init
-// rows, summed over all of K = C*P*P. Each output element is the same FMA chain as run() computes, so the results are
-// bitwise run()'s. With AVX-512, panel by panel, run by run, all of K per call. With AVX2 the panels are walked in
-// groups, K in blocks of whole image rows (avx2::run_runs), every run through a block before the next, the sums
-// kept in out between blocks: a group's block of the weight stays in L2 while the runs stream past, where all of K
-// per call streamed a whole 768 KiB panel from L3 for every run (L2 being 512 KiB).
+// For each of the n runs, each of its patches r and each panel q in [q0, q1) of the packed weight w (all of pack()'s
+// panels, D columns), the columns [q*kPanel, min((q+1)*kPanel, D)) of
+//   out[r, :] = init[r, :] + sum over c < C, u < P, v < P of px[r][c*sC + u*sH + v] * W^T[k, :],
+// k = (c*P + u)*P + v; init's row stride ldi (0: one row for all), out's ldo; unit W stride. Accumulates in fp32
+// (bf16: products of bf16 pairs, summed in fp32 and rounded once into out). Each output element is one FMA chain
+// over k in order from its init value, whatever the ISA, the runs or the threads, so results are bitwise alike.
+// With AVX-512, panel by panel, run by run, all of K per kernel call. With AVX2 (fp32 only), channel by channel, run
+// by run, panel by panel (avx2::run_runs), the sums kept in out between channels.
 void run_runs(const Run<float>* runs, int64_t n, int64_t sC, int64_t sH, int64_t P, int64_t C, const float* w,
               int64_t D, int64_t q0, int64_t q1, int64_t ldi, int64_t ldo);
 void run_runs(const Run<c10::BFloat16>* runs, int64_t n, int64_t sC, int64_t sH, int64_t P, int64_t C,

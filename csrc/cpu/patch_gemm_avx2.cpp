@@ -45,15 +45,7 @@ MCL_AVX2 void kernel(const float* const* px, int64_t sH, int64_t P, const float*
     const int64_t o = u * sH;  // patch r's pixel q: a[r][o + q]
     const float* bk = b + u * P * kChunk;
     for (int64_t q = 0; q < P; ++q, bk += kChunk) {
-      __m256 w[V];
-#pragma GCC unroll 2
-      for (int v = 0; v < V; ++v) w[v] = _mm256_loadu_ps(bk + 8 * v);
-#pragma GCC unroll 6
-      for (int r = 0; r < R; ++r) {
-        const __m256 x = _mm256_broadcast_ss(a[r] + o + q);
-#pragma GCC unroll 2
-        for (int v = 0; v < V; ++v) acc[r][v] = _mm256_fmadd_ps(w[v], x, acc[r][v]);
-      }
+      avx2_block::fma_step(acc, bk, [&](int r) { return a[r] + o + q; });
     }
   }
   avx2_block::store_block(acc, out, ldo, last);
@@ -79,14 +71,7 @@ MCL_AVX2 void weight_grad_kernel(const float* a, int64_t lda, const float* const
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   for (int64_t s = 0; s < n; ++s) {
-    const float* t = tok[s] + o;
-    const __m256 w0 = _mm256_loadu_ps(t), w1 = _mm256_loadu_ps(t + 8);
-#pragma GCC unroll 6
-    for (int r = 0; r < R; ++r) {
-      const __m256 x = _mm256_broadcast_ss(a + s * lda + r);
-      acc[r][0] = _mm256_fmadd_ps(w0, x, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(w1, x, acc[r][1]);
-    }
+    avx2_block::fma_step(acc, tok[s] + o, [&](int r) { return a + s * lda + r; });
   }
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r) {
@@ -116,13 +101,6 @@ MCL_AVX2 void chunks(const float* const* px, int64_t rows, int64_t sC, int64_t s
 }
 
 }  // namespace
-
-MCL_AVX2 void run(const float* const* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t rows,
-                  const float* b, int64_t cols, const float* init, int64_t ldi, float* out, int64_t ldo) {
-  for (int64_t c = 0; c < C; ++c) {
-    chunks(px, rows, sC, sH, P, c, b, cols, c == 0 ? init : out, c == 0 ? ldi : ldo, out, ldo);
-  }
-}
 
 void run_runs(const Run<float>* runs, int64_t n, int64_t sC, int64_t sH, int64_t P, int64_t C, const float* w,
               int64_t D, int64_t q0, int64_t q1, int64_t ldi, int64_t ldo) {
@@ -154,11 +132,6 @@ MCL_AVX2 void run_weight_grad(const float* a, int64_t lda, int64_t rows, const f
 }
 
 #else
-
-void run(const float* const*, int64_t, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, const float*,
-         int64_t, float*, int64_t) {
-  TORCH_CHECK(false, "mcl_kernels: patch_gemm's AVX2 kernels need an x86-64 CPU");
-}
 
 void run_runs(const Run<float>*, int64_t, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
               int64_t, int64_t) {

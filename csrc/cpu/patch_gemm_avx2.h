@@ -1,5 +1,5 @@
 // patch_gemm.h's fp32 kernels for CPUs with AVX2 and FMA but no AVX-512 (AMD Zen 1-3, Intel client cores): the same
-// contracts (patch_gemm::run, patch_gemm::run_weight_grad; patch_gemm.cpp checks them), the same packed weight
+// contracts (patch_gemm::run_runs, patch_gemm::run_weight_grad; patch_gemm.cpp checks them), the same packed weight
 // panels, and each output element the same FMA chain in the same order as the AVX-512 kernels compute it, so results
 // are bitwise the same.
 //
@@ -24,9 +24,6 @@ namespace mcl::cpu::patch_gemm::avx2 {
 
 constexpr int64_t kChunk = 16;  // output columns per kernel call (2 vectors), and per weight sub-panel
 
-
-void run(const float* const* px, int64_t sC, int64_t sH, int64_t P, int64_t C, int64_t rows, const float* b,
-         int64_t cols, const float* init, int64_t ldi, float* out, int64_t ldo);
 
 void run_runs(const Run<float>* runs, int64_t n, int64_t sC, int64_t sH, int64_t P, int64_t C, const float* w,
               int64_t D, int64_t q0, int64_t q1, int64_t ldi, int64_t ldo);

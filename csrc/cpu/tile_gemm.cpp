@@ -40,8 +40,8 @@ bool bf16_brgemm_vnni() {
 }
 
 at::Tensor tile_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, bool add) {
-  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && c.dim() == 2, "tile_gemm: expected 2-D a [M, K], b [K, N], c [M, N], got ",
-              a.sizes(), ", ", b.sizes(), ", ", c.sizes());
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && c.dim() == 2,
+              "tile_gemm: expected 2-D a [M, K], b [K, N], c [M, N], got ", a.sizes(), ", ", b.sizes(), ", ", c.sizes());
   TORCH_CHECK(a.size(1) == b.size(0) && c.size(0) == a.size(0) && c.size(1) == b.size(1),
               "tile_gemm: shapes do not chain: a ", a.sizes(), ", b ", b.sizes(), ", c ", c.sizes());
   TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu() && c.device().is_cpu(), "tile_gemm: expected CPU tensors");
@@ -63,7 +63,8 @@ at::Tensor tile_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
     gemm.run(M, N, K, a.data_ptr<float>(), ld(a), b.data_ptr<float>(), ld(b), out.data_ptr<float>(), N, add);
   } else {
     const Gemm<c10::BFloat16> gemm;
-    TORCH_CHECK(!gemm.vnni(), "tile_gemm: bf16 GEMMs take VNNI-packed B on this CPU; this entry point takes row-major B");
+    TORCH_CHECK(!gemm.vnni(),
+                "tile_gemm: bf16 GEMMs take VNNI-packed B on this CPU; this entry point takes row-major B");
     gemm.run(M, N, K, a.data_ptr<c10::BFloat16>(), ld(a), b.data_ptr<c10::BFloat16>(), ld(b), out.data_ptr<float>(), N,
              add);
     gemm.release();
