@@ -28,20 +28,6 @@ def patch_tokens(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     return F.conv2d(x, weight, bias, stride=p).flatten(2).transpose(1, 2)
 
 
-def patchify(x: Tensor, p: int) -> Tensor:
-    """``[B, C, H, W]`` -> ``[B, N, C·p·p]``: row ``n`` is patch ``n`` flattened like ``weight.reshape(D, -1)``."""
-    B, C, H, W = x.shape
-    t = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
-    return t.reshape(B, (H // p) * (W // p), C * p * p)
-
-
-def unpatchify(patches: Tensor, shape: Sequence[int], p: int) -> Tensor:
-    """Inverse of :func:`patchify` back to an image of ``shape`` ``[B, C, H, W]``."""
-    B, C, H, W = shape
-    t = patches.reshape(B, H // p, W // p, C, p, p).permute(0, 3, 1, 4, 2, 5)
-    return t.reshape(B, C, H, W)
-
-
 def group(tokens: Tensor, grid: Tuple[int, int], k: int) -> Tensor:
     """``[B, Hs·Ws, D]`` on grid ``(Hs, Ws)`` -> ``[B, (Hs/k)·(Ws/k), k²·D]`` in DESIGN §2 order."""
     B, _, D = tokens.shape
@@ -166,12 +152,18 @@ def embed_tokens(x: Tensor, weight: Tensor, bias: Optional[Tensor], cls_token: O
 
 def patch_tokens_backward(grad: Tensor, x: Tensor, weight: Tensor, needs: Sequence[bool]
                           ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """Gradients of :func:`patch_tokens` for ``(x, weight, bias)`` from ``grad [B, N, D]``."""
-    D, p = weight.shape[0], weight.shape[-1]
-    g2 = grad.reshape(-1, D)
-    gx = unpatchify(g2 @ weight.reshape(D, -1), x.shape, p) if needs[0] else None
-    gw = (g2.t() @ patchify(x, p).flatten(0, 1)).reshape(weight.shape) if needs[1] else None
-    gb = g2.sum(0) if needs[2] else None
+    """Gradients of :func:`patch_tokens` for ``(x, weight, bias)`` from ``grad [B, N, D]``.
+
+    The convolution's own backward, as autograd runs it for :func:`patch_tokens`: the weight gradient as a
+    product of ``grad`` and the image's patch matrix would build that matrix (``B·N × C·p·p``, twice the
+    tokens' bytes at p = 16, D = 384), which the convolution's backward does not.
+    """
+    if not any(needs):
+        return None, None, None
+    B, D, p = x.shape[0], weight.shape[0], weight.shape[-1]
+    g = grad.transpose(1, 2).reshape(B, D, x.shape[-2] // p, x.shape[-1] // p)  # the convolution output's gradient
+    gx, gw, gb = torch.ops.aten.convolution_backward(g, x, weight, [D], [p, p], [0, 0], [1, 1], False, [0, 0], 1,
+                                                     [bool(n) for n in needs])
     return gx, gw, gb
 
 
@@ -180,7 +172,8 @@ def mcl_level_backward(g_large: Optional[Tensor], g_recon: Optional[Tensor], tok
                        needs: Sequence[bool]) -> Tuple[Optional[Tensor], ...]:
     """Gradients of :func:`mcl_level` for ``(tokens, comp_w, comp_b, decomp_w, decomp_b)``, given its
     input ``tokens`` and its output ``large`` (saved by the forward, not recomputed)."""
-    grouped = group(tokens, grid, k)
+    # Each grouped copy (the size of the tokens) is made where it is used and dropped after: held together, they
+    # put a step through the op 30 MiB above autograd's through the reference (D = 384, B = 64).
     D = comp_w.shape[0]
     g_l = g_large if g_large is not None else tokens.new_zeros(large.shape)
     g_dw = g_db = None
@@ -189,8 +182,9 @@ def mcl_level_backward(g_large: Optional[Tensor], g_recon: Optional[Tensor], tok
         g_dw = g_rg.t() @ large.reshape(-1, D) if needs[3] else None
         g_db = g_rg.sum(0) if needs[4] else None
         g_l = g_l + (g_rg @ decomp_w).reshape(g_l.shape)
+        del g_rg
     g_l2 = g_l.reshape(-1, D)
-    g_cw = g_l2.t() @ grouped.flatten(0, 1) if needs[1] else None
+    g_cw = g_l2.t() @ group(tokens, grid, k).flatten(0, 1) if needs[1] else None
     g_cb = g_l2.sum(0) if needs[2] else None
     g_tokens = ungroup(g_l @ comp_w, grid, k) if needs[0] else None
     return g_tokens, g_cw, g_cb, g_dw, g_db
@@ -210,7 +204,7 @@ def mcl_embed_backward(g_small: Optional[Tensor], g_large: Optional[Tensor], g_r
     gx = gw = gb = None
     if any(needs[:3]):
         if g_small is not None:
-            g_tokens = g_tokens + g_small
+            g_tokens = g_tokens.add_(g_small)  # g_tokens is this function's own product: no second tokens-sized sum
         gx, gw, gb = patch_tokens_backward(g_tokens, x, proj_w, needs[:3])
     return gx, gw, gb, g_cw, g_cb, g_dw, g_db
 

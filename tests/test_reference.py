@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from mcl_kernels import reference
-from helpers import mcl_params, rel_err, resolve_tied
+from helpers import assert_close, mcl_embed_inputs, mcl_params, rel_err, resolve_tied
 
 
 @pytest.mark.parametrize("ks", [(2,), (3,), (2, 2)], ids=["k2", "k3", "chain"])
@@ -49,6 +49,50 @@ def test_gradcheck_merge_and_embed_tokens():
     cls = torch.randn(3, dtype=torch.float64, requires_grad=True)
     pos = torch.randn(1, 7, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(reference.embed_tokens, (x, pw, pb, cls, pos))
+
+
+@pytest.mark.parametrize("variant", ["untied", "nodecomp", "nobias"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("shape", [(2, 3, 12, 18, 2, 3, 5), (1, 2, 8, 16, 4, 2, 7)], ids=["k3", "k2"])
+def test_explicit_backward_equals_autograd(shape, layout, variant):
+    """The reference backend's backward ops (the formulas written out) against autograd of the forward they
+    differentiate, in float64: every gradient, with and without the small tokens' upstream gradient, and with
+    only some gradients asked for."""
+    x, pw, pb, cw, cb, dw, db, k = mcl_embed_inputs(shape, variant, layout, torch.float64)
+    inputs = [x, pw, pb, cw, cb, dw, db]
+    for t in inputs:
+        if t is not None:
+            t.requires_grad_(True)
+    small, large, recon = reference.mcl_embed(*inputs, k)
+    for with_small in (True, False):
+        ups = [torch.randn_like(small) if with_small else None, torch.randn_like(large),
+               torch.randn_like(recon) if recon is not None else None]
+        outs = [(o, u) for o, u in zip((small, large, recon), ups) if u is not None]
+        wrt = [t for t in inputs if t is not None]
+        want = iter(torch.autograd.grad([o for o, _ in outs], wrt, [u for _, u in outs], retain_graph=True))
+        want = [next(want) if t is not None else None for t in inputs]
+        for needs in ([t is not None for t in inputs], [False, True, False, True, False, dw is not None, False]):
+            with torch.no_grad():
+                got = reference.mcl_embed_backward(*ups, *inputs, small, large, k, needs)
+            for i, (g, w, need) in enumerate(zip(got, want, needs)):
+                if need:
+                    assert_close(f"gradient {i} (small upstream: {with_small})", g, w, atol=1e-12, rtol=1e-10)
+                else:
+                    assert g is None, f"gradient {i} was not asked for"
+
+    x = x.detach().requires_grad_(True)
+    cls, pos = torch.randn(pw.shape[0], dtype=torch.float64), None
+    for pos in (None, torch.randn(1, 1 + x.shape[-2] // pw.shape[-1] * (x.shape[-1] // pw.shape[-1]), pw.shape[0],
+                                  dtype=torch.float64)):
+        args = [x, pw, pb, cls.requires_grad_(True), pos.requires_grad_(True) if pos is not None else None]
+        out = reference.embed_tokens(*args)
+        up = torch.randn_like(out)
+        wrt = [t for t in args if t is not None]
+        want = iter(torch.autograd.grad(out, wrt, up))
+        want = [next(want) if t is not None else None for t in args]
+        got = reference.embed_tokens_backward(up, *args, [t is not None for t in args])
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_close(f"embed_tokens gradient {i}", g, w, atol=1e-12, rtol=1e-10)
 
 
 def test_group_ungroup_order():
