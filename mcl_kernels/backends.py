@@ -362,12 +362,14 @@ AUTO_MIN_TOKENS_AMX: Dict[Tuple[str, torch.dtype], Tuple[Tuple[int, int], ...]] 
 #   embed_tokens fp32 (-fp32-infer-grid-runs.json, -fp32-infer-small-batches-runs.json; patch 32, B = 1..64): with the
 #     direct kernel's runs across patch rows, against the reference (conv2d + cat + add), B = 1 0.74-0.85, B = 2
 #     0.84-0.95, B = 4 1.04-1.18, B = 8-64 1.03-1.15 (timm's PatchEmbed: 1.03-1.21x from B = 4): the C++ kernel from
-#     4 images' patches (4 x 49) up; below, packing the weight for each call costs more than the kernel saves.
-#     Before those runs it had lost everywhere (0.85-1.10 of timm, the reference 0.98-1.22).
+#     4 images' patches (4 x 49) up; below, packing the weight for each call cost more than the kernel saved.
+#     Before those runs it had lost everywhere (0.85-1.10 of timm, the reference 0.98-1.22). That packing had run
+#     the portable transpose loop (cpu/simd.h had no AVX2 path); with AVX2 transposes
+#     (-fp32-infer-small-batches-simd.json, B = 1-8, D = 192/384/768): the reference 1.35-1.54 at B = 1, 1.15-1.43 at
+#     B = 2-8, timm 1.11-1.72: the C++ kernel at every size.
 # No op needs an order of its own on AVX2 CPUs now: the size rules below say where the reference runs.
 AUTO_ORDER_AVX2: Dict[Tuple[str, torch.dtype], Tuple[str, ...]] = {}
 AUTO_MIN_TOKENS_AVX2: Dict[Tuple[str, torch.dtype], Tuple[Tuple[int, int], ...]] = {
-    ("embed_tokens", torch.float32): ((_ANY_WIDTH, 4 * 49),),
     ("mcl_embed", torch.float32): ((192, 0), (_ANY_WIDTH, _ANY_WIDTH)),
     ("mcl_embed_backward", torch.float32): ((192, 0), (_ANY_WIDTH, _ANY_WIDTH)),
     ("mcl_embed", torch.bfloat16): ((_ANY_WIDTH, 0),),
