@@ -50,8 +50,8 @@ bool embed_tokens_cpu_direct(const at::Tensor& x, int64_t patch);
 bool embed_tokens_cpu_amx(const at::Tensor& x, int64_t patch);
 
 // Whether embed_tokens_cpu runs bfloat16 x through the fp32 direct kernels on widened copies of each tile's images
-// (cpu/embed_tokens.cpp, embed_widened): bfloat16 with unit W stride, at least 32 images, where neither the bf16 direct
-// kernels nor the AMX tiles run but the fp32 ones do (AVX2 CPUs).
+// (cpu/embed_tokens.cpp, embed_widened): bfloat16 with unit W stride, where neither the bf16 direct kernels nor the
+// AMX tiles run but the fp32 ones do (AVX2 CPUs).
 bool embed_tokens_cpu_widened(const at::Tensor& x, int64_t patch);
 
 // Whether the direct path splits the weight's panels over the threads rather than the patches (cpu/embed_tokens.cpp,

@@ -57,7 +57,7 @@ on one with AVX512-BF16 (and patch_gemm_isa() "avx512"); unit W stride only.)doc
         "dividing evenly over torch's thread count) instead of the patches; both give bitwise the same result.");
   m.def("embed_tokens_cpu_widened", &mcl::embed_tokens_cpu_widened, py::arg("x"), py::arg("patch"),
         "Whether the CPU embed_tokens runs bf16 x through the fp32 direct kernels on widened copies of each tile's "
-        "images (unit W stride, at least 32 images, a CPU whose patch kernels run fp32 only: AVX2).");
+        "images (unit W stride, a CPU whose patch kernels run fp32 only: AVX2).");
   m.def("embed_tokens_cpu_amx", &mcl::embed_tokens_cpu_amx, py::arg("x"), py::arg("patch"),
         "Whether the CPU embed_tokens runs x on the AMX tile kernels (bf16, unit W stride, patch a multiple of 16, "
         "a CPU with AMX-BF16).");

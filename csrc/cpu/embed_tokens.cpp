@@ -165,17 +165,15 @@ void embed_direct(const at::Tensor& x, const at::Tensor& w2d, const Plan<float>&
   });
 }
 
-// Images a bf16 batch needs for embed_widened: below, the patch-matrix path measured as fast or faster (widening and
-// per-thread buffers cost more than the direct kernels save). Patch 32, 2 threads, AMD EPYC Zen 3, paired, time of
-// the patch-matrix path / time of embed_widened: B = 1 0.76-0.84, B = 4-8 0.93-1.03, B = 16 0.99-1.23, B = 32 1.06,
-// B = 64 1.14-1.29 (D = 192-768; benchmarks/results/patch-runs-ab-cpu-2core-zen3.txt).
-constexpr int64_t kWidenedMinImages = 32;
 
 // bf16 images with unit W stride where only the fp32 patch kernels run (AVX2 CPUs: no bf16 dot products;
 // embed_tokens_cpu_widened): the direct path in fp32. Each tile's images are widened to fp32 (exact) into a per-thread
 // buffer, the weight once, and the tile's rows summed in fp32 from bias + position and rounded once into the output:
 // the fp32 result of the same values, rounded (tested bitwise). The patch-matrix path it replaces multiplied bf16 on
-// the AVX2 tile GEMM at its fp32 rate behind an im2col copy.
+// the AVX2 tile GEMM at its fp32 rate behind an im2col copy. Time of that path / time of this one, patch 32, 2 threads,
+// AMD EPYC Zen 3, paired, D = 192-768: B = 1 1.34-1.54, B = 2-32 1.13-1.35 (benchmarks/results/
+// bf16-widen-ab-cpu-2core-zen3.txt). Before cpu/simd.h widened with AVX2 it lost below 16 images (0.76-1.03), and
+// took batches of 32 images up only.
 void embed_widened(const at::Tensor& x, const at::Tensor& w2d, const Plan<float>& plan, const EmbedShape& s,
                    at::Tensor& out) {
   namespace pg = cpu::patch_gemm;
@@ -389,8 +387,7 @@ bool embed_tokens_cpu_by_panels(const at::Tensor& x, int64_t width, int64_t patc
 bool embed_tokens_cpu_amx(const at::Tensor& x, int64_t patch) { return cpu::amx::reads(x, patch); }
 
 bool embed_tokens_cpu_widened(const at::Tensor& x, int64_t patch) {
-  return x.scalar_type() == at::kBFloat16 && x.dim() == 4 && x.size(0) >= kWidenedMinImages &&
-         (x.stride(3) == 1 || x.size(3) <= 1) &&
+  return x.scalar_type() == at::kBFloat16 && x.dim() == 4 && (x.stride(3) == 1 || x.size(3) <= 1) &&
          cpu::patch_gemm::available(at::kFloat, patch) && !embed_tokens_cpu_direct(x, patch) &&
          !embed_tokens_cpu_amx(x, patch);
 }
