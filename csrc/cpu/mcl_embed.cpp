@@ -147,6 +147,17 @@ struct Tiling {
   Tiling(const Grid& g, int64_t threads, int64_t tile_tokens) {
     if (g.rows == 0) return;
     tile_rows = std::max<int64_t>(1, tile_tokens / std::max<int64_t>(g.Wl, 1));
+    // An even number of tiles where tiles at most a quarter smaller give one: the backward runs its tiles in rounds of
+    // one per thread, and an odd count leaves threads idle through the last round. B = 64 at 224/32 in 128-token
+    // tiles had 25 tiles of 18 large rows; 28 of 16 made the fp32 step 1.021-1.023x faster (AMD EPYC Zen 3, 2
+    // threads, paired in one process). The choice depends on the shape alone, so the results do not depend on the
+    // thread count through it.
+    for (int64_t r = tile_rows; r >= 1 && 4 * r >= 3 * tile_rows; --r) {
+      if (((g.rows + r - 1) / r) % 2 == 0) {
+        tile_rows = r;
+        break;
+      }
+    }
     // Small batches: smaller tiles rather than idle threads.
     tile_rows = std::max<int64_t>(1, std::min(tile_rows, (g.rows + threads - 1) / threads));
     ntiles = (g.rows + tile_rows - 1) / tile_rows;
