@@ -141,18 +141,19 @@ inline void for_each_group_row(const Grid& g, int64_t r0, int64_t r1, F&& f) {
   }
 }
 
-// Tiles of whole large rows, and `nslots`: the threads that get work, each with its own private buffers.
+// Tiles of whole large rows, and `nslots`: the threads that get work, each with its own private buffers. `rounds`:
+// the tiles run in rounds of one per thread (the backward), rather than dealt to threads as they free up.
 struct Tiling {
   int64_t tile_rows = 1, ntiles = 0, nslots = 0;
-  Tiling(const Grid& g, int64_t threads, int64_t tile_tokens) {
+  Tiling(const Grid& g, int64_t threads, int64_t tile_tokens, bool rounds = false) {
     if (g.rows == 0) return;
     tile_rows = std::max<int64_t>(1, tile_tokens / std::max<int64_t>(g.Wl, 1));
-    // An even number of tiles where tiles at most a quarter smaller give one: the backward runs its tiles in rounds of
-    // one per thread, and an odd count leaves threads idle through the last round. B = 64 at 224/32 in 128-token
-    // tiles had 25 tiles of 18 large rows; 28 of 16 made the fp32 step 1.021-1.023x faster (AMD EPYC Zen 3, 2
-    // threads, paired in one process). The choice depends on the shape alone, so the results do not depend on the
-    // thread count through it.
-    for (int64_t r = tile_rows; r >= 1 && 4 * r >= 3 * tile_rows; --r) {
+    // In rounds, an even number of tiles where tiles at most a quarter smaller give one: an odd count leaves threads
+    // idle through the last round. B = 64 at 224/32 in 128-token tiles had 25 tiles of 18 large rows; 28 of 16 made
+    // the fp32 step 1.021-1.023x faster (AMD EPYC Zen 3, 2 threads, paired in one process;
+    // benchmarks/results/backward-tiles-ab-cpu-2core-zen3.txt). The choice depends on the shape alone, so the
+    // results do not depend on the thread count through it.
+    for (int64_t r = tile_rows; rounds && r >= 1 && 4 * r >= 3 * tile_rows; --r) {
       if (((g.rows + r - 1) / r) % 2 == 0) {
         tile_rows = r;
         break;
@@ -890,7 +891,7 @@ std::vector<OptTensor> embed_backward(const at::Tensor& g_small, const at::Tenso
     direct_de = s.p % 16 == 0 && cpu::patch_gemm::reads(x, s.p);
   }
 
-  const Tiling tl(g, at::get_num_threads(), backward_tile_tokens(gemm));
+  const Tiling tl(g, at::get_num_threads(), backward_tile_tokens(gemm), /*rounds=*/true);
   const int64_t tmax = tl.max_tokens(g), tsmax = tmax * k2, ldst = tl.nslots * round_up(tsmax, ka);
   LevelBackward<scalar_t> level(gemm, g, tl, g_large, g_recon, comp_w, decomp_w, large, small, level_needs,
                                 need_small, opts, need_small ? tsmax * D * int64_t(sizeof(A)) : 0);
@@ -1087,7 +1088,7 @@ std::vector<OptTensor> compress_backward(const at::Tensor& g_large, const at::Te
   const bool need_tok = needs[0];
   const std::vector<bool> level_needs{needs[1], needs[2] && comp_b.has_value(), needs[3],
                                       needs[4] && decomp_b.has_value()};
-  const Tiling tl(g, at::get_num_threads(), backward_tile_tokens(gemm));
+  const Tiling tl(g, at::get_num_threads(), backward_tile_tokens(gemm), /*rounds=*/true);
   const int64_t tmax = tl.max_tokens(g);
   LevelBackward<scalar_t> level(gemm, g, tl, g_large, g_recon, comp_w, decomp_w, large, tokens, level_needs,
                                 need_tok, opts, need_tok ? tmax * KD * int64_t(sizeof(A)) : 0);
