@@ -165,7 +165,6 @@ void embed_direct(const at::Tensor& x, const at::Tensor& w2d, const Plan<float>&
   });
 }
 
-
 // bf16 images with unit W stride where only the fp32 patch kernels run (AVX2 CPUs: no bf16 dot products;
 // embed_tokens_cpu_widened): the direct path in fp32. Each tile's images are widened to fp32 (exact) into a per-thread
 // buffer, the weight once, and the tile's rows summed in fp32 from bias + position and rounded once into the output:
