@@ -198,8 +198,12 @@ void embed_widened(const at::Tensor& x, const at::Tensor& w2d, const Plan<float>
       if (r0 == r1) continue;
       const int64_t b0 = r0 / N, b1 = (r1 - 1) / N + 1;  // the images the tile's patches lie in
       for (int64_t b = b0; b < b1; ++b) {
+        // Only the image rows of the tile's patches: tiles of a few patches split an image (small batches), and each
+        // thread widens its own rows rather than the whole image.
+        const int64_t n0 = b == b0 ? r0 % N : 0, n1 = b == b1 - 1 ? (r1 - 1) % N + 1 : N;
+        const int64_t y0 = n0 / s.Wp * P, y1 = ((n1 - 1) / s.Wp + 1) * P;
         for (int64_t c = 0; c < s.C; ++c) {
-          for (int64_t y = 0; y < s.H; ++y) {
+          for (int64_t y = y0; y < y1; ++y) {
             cpu::simd::to_float(xp + b * sB + c * sC + y * sH, xbuf.get() + (b - b0) * img + c * HW + y * s.W, s.W);
           }
         }
