@@ -16,7 +16,9 @@ _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def _shape(t: Tensor) -> Tuple[int, ...]:
-    return tuple(int(s) for s in t.shape)
+    # torch.Size is already a tuple of ints (of SymInts under tracing, which compare and print as well); a per-element
+    # int() cost ~3 us a call, nine calls per op call.
+    return tuple(t.shape)
 
 
 def check_image(x: Tensor, channels: int, large_patch: int, small_patch: int, k: int = 1) -> Tuple[int, int]:
