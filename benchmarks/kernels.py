@@ -7,7 +7,8 @@ Sections (``--sections``, default all):
   time without the host's per-launch overhead);
 - ``infer``:   the merged (deployed) embedding with class token and position embedding: timm's ``PatchEmbed``
   (conv2d) + cat + add (the baseline users run today), torch.compile of it, the reference, and
-  ``mcl_kernels.embed_tokens``.
+  ``mcl_kernels.embed_tokens``, on the CPU also with its weight packed once ahead of the calls
+  (``prepacked``: ``mcl_kernels.pack_embed_weight``, as ``MergedPatchEmbed(prepack=True)`` runs it).
 - ``attn`` (GPU only): the fused attention forward (the deployed model's: 50 tokens at 224/32, 197 at /16) and
   forward+backward against ``scaled_dot_product_attention`` (baseline), at head dim 64 and ``D / 64`` heads (the
   forward also replayed from a CUDA graph, ``attn-fwd-graph``: kernel time without per-launch host overhead); and
@@ -249,6 +250,11 @@ def infer_section(runner: Runner, dtype_name: str, peak: float) -> None:
             impls.append(("reference (eager)", lambda: reference.embed_tokens(x, weight, bias, cls, pos)))
             impls += [(f"embed_tokens ({b})",
                        lambda b=b: mk.embed_tokens(x, weight, bias, cls, pos, backend=b)) for b in backends]
+            # The weight packed once ahead of the calls (a deployed model's: MergedPatchEmbed(prepack=True)).
+            blob = mk.pack_embed_weight(weight) if "cpu" in backends else None
+            if blob is not None:
+                impls.append(("embed_tokens (cpu, prepacked)",
+                              lambda: mk.embed_tokens(x, weight, bias, cls, pos, backend="cpu", packed_weight=blob)))
             shape = {"B": B, "H": H, "W": W, "D": D, "P": P}
             case = f"{WIDTHS.get(D, '')} D={D} B={B} {H}x{W}/{P}".strip()
             with torch.no_grad():

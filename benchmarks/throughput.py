@@ -176,6 +176,11 @@ def merged_section(bench: Bench, args: argparse.Namespace) -> None:
             impls.append((f"mcl embed_tokens ({backend})",
                           lambda b=backend: mk.embed_tokens(x, merged.proj.weight, merged.proj.bias, cls, pos,
                                                             backend=b)))
+        blob = mk.pack_embed_weight(merged.proj.weight) if dev.type == "cpu" else None
+        if blob is not None:  # the weight packed once, as MergedPatchEmbed(prepack=True) runs it
+            impls.append(("mcl embed_tokens (cpu, prepacked)",
+                          lambda: mk.embed_tokens(x, merged.proj.weight, merged.proj.bias, cls, pos, backend="cpu",
+                                                  packed_weight=blob)))
         with torch.no_grad():
             bench.case("merged", name, flops, shape, impls)
 

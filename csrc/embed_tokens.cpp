@@ -2,6 +2,7 @@
 #include "embed_tokens.h"
 
 #include "checks.h"
+#include "cpu/embed_prepack.h"
 
 namespace mcl {
 
@@ -70,10 +71,12 @@ EmbedShape check_embed_tokens(const at::Tensor& x, const at::Tensor& weight,
 at::Tensor embed_tokens(const at::Tensor& x, const at::Tensor& weight,
                         const std::optional<at::Tensor>& bias,
                         const std::optional<at::Tensor>& cls_token,
-                        const std::optional<at::Tensor>& pos_embed, int64_t patch) {
+                        const std::optional<at::Tensor>& pos_embed, int64_t patch,
+                        const std::optional<at::Tensor>& packed_weight) {
   const EmbedShape s = check_embed_tokens(x, weight, bias, cls_token, pos_embed, patch);
+  cpu::prepack::check_blob(packed_weight);
   if (x.is_cpu()) {
-    return embed_tokens_cpu(x, weight, bias, cls_token, pos_embed, s);
+    return embed_tokens_cpu(x, weight, bias, cls_token, pos_embed, packed_weight, s);
   }
   if (x.is_cuda()) {
 #ifdef MCL_WITH_CUDA

@@ -30,15 +30,27 @@ EmbedShape check_embed_tokens(const at::Tensor& x, const at::Tensor& weight,
                               const std::optional<at::Tensor>& pos_embed, int64_t patch);
 
 // Validates, then runs the implementation for x.device(). Output [B, T, D], contiguous, x.dtype().
+// packed_weight: optionally, embed_tokens_pack(weight) from before the call; the CPU kernels read the weight from it
+// where it holds this weight, unchanged, in the layout the call's path reads (cpu/embed_prepack.h), and otherwise pack
+// the weight themselves, as without it. Other devices ignore it.
 at::Tensor embed_tokens(const at::Tensor& x, const at::Tensor& weight,
                         const std::optional<at::Tensor>& bias,
                         const std::optional<at::Tensor>& cls_token,
-                        const std::optional<at::Tensor>& pos_embed, int64_t patch);
+                        const std::optional<at::Tensor>& pos_embed, int64_t patch,
+                        const std::optional<at::Tensor>& packed_weight = std::nullopt);
 
 at::Tensor embed_tokens_cpu(const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias,
                             const std::optional<at::Tensor>& cls_token,
-                            const std::optional<at::Tensor>& pos_embed, const EmbedShape& s);
+                            const std::optional<at::Tensor>& pos_embed,
+                            const std::optional<at::Tensor>& packed_weight, const EmbedShape& s);
+
+// The CPU weight [D, C, P, P] packed for the CPU kernels as they would read it for a contiguous image of its dtype: a
+// 1-D uint8 blob to pass to embed_tokens as packed_weight, empty where that path packs nothing (cpu/embed_prepack.h).
+at::Tensor embed_tokens_pack(const at::Tensor& weight);
+
+// Whether embed_tokens(x, weight, ...) on the CPU reads its weight from packed_weight rather than packing it.
+bool embed_tokens_cpu_uses_packed(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& packed_weight);
 
 // Whether embed_tokens_cpu reads x's pixels directly (cpu/patch_gemm.h) rather than through a patch matrix:
 // float32 or bfloat16 with unit W stride, on a CPU with AVX2 and FMA or AVX-512 (AVX512-BF16 and an even patch for

@@ -7,6 +7,7 @@ from . import _extension  # noqa: F401  (loads mcl_kernels._C, or warns once why
 from . import backends, ops, reference  # noqa: F401
 from .functional import MCLTokens, embed_tokens, mcl_embed, merge_weights
 from .modules import FusedMCLEmbed, MergedPatchEmbed
+from .prepack import PackedEmbedWeight, pack_embed_weight
 from . import attention, attention_ops  # noqa: F401  (the attention ops and the drop-in ViT attention)
 from .attention import MCLAttention, packed_segments, swap_attention
 from .loss import MCLLoss
@@ -23,6 +24,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["FusedMCLEmbed", "MergedPatchEmbed", "MCLTokens", "mcl_embed", "merge_weights", "embed_tokens",
+           "pack_embed_weight", "PackedEmbedWeight",
            "MCLAttention", "swap_attention", "packed_segments", "attention",
            "MCLLoss", "create_model", "list_models", "MCLViT", "MCLOutput",
            "backends", "ops", "reference"]

@@ -122,6 +122,17 @@ def check_mcl_compress(tokens: Tensor, grid_h: int, grid_w: int, comp_w: Tensor,
     check_level(int(tokens.shape[2]), k, comp_w, comp_b, decomp_w, decomp_b, tokens)
 
 
+def check_packed_weight(packed_weight: Optional[Tensor]) -> None:
+    """``embed_tokens``' optional prepacked weight: what ``pack_embed_weight`` returns, a 1-D uint8 tensor."""
+    if packed_weight is None:
+        return
+    if not isinstance(packed_weight, Tensor) or packed_weight.dtype != torch.uint8 or packed_weight.dim() != 1:
+        got = (f"a {packed_weight.dtype} tensor of shape {_shape(packed_weight)}" if isinstance(packed_weight, Tensor)
+               else type(packed_weight).__name__)
+        raise TypeError(f"expected packed_weight as the 1-D uint8 tensor mcl_kernels.pack_embed_weight returns "
+                        f"(or None), got {got}")
+
+
 def check_embed_tokens(x: Tensor, weight: Tensor, bias: Optional[Tensor], cls_token: Optional[Tensor],
                        pos_embed: Optional[Tensor]) -> Tuple[int, int]:
     """Validate the inference embedding; returns ``(T, D)``, the output's sequence length and width."""

@@ -17,7 +17,9 @@ the gradients to compute; absent results are None):
 - ``mcl_compress(tokens, comp_w, comp_b, decomp_w, decomp_b, grid_h, grid_w, k) -> (L, R)``
 - ``mcl_compress_backward(gL, gR, tokens, comp_w, comp_b, decomp_w, decomp_b, L, grid_h, grid_w, k, needs)``
   ``-> 5 gradients``
-- ``embed_tokens(x, weight, bias, cls_token, pos_embed) -> [B, T, D]``
+- ``embed_tokens(x, weight, bias, cls_token, pos_embed, packed_weight) -> [B, T, D]`` (``packed_weight``: None or
+  :func:`mcl_kernels.pack_embed_weight`'s blob of ``weight``, which a backend may read instead of packing the weight
+  itself, or ignore)
 - ``embed_tokens_backward(g, x, weight, bias, cls_token, pos_embed, needs) -> 5 gradients``
 - ``attention(q, k, v, scale) -> (out, lse)``; ``packed_attention(q, k, v, seqlens, scale) -> (out, lse)``
   (``q, k, v [B, H, N, Dh]``; ``lse [B, H, N]`` float32, float64 for float64 inputs)
@@ -49,6 +51,10 @@ def _ref_mcl_compress_backward(g_large, g_recon, tokens, comp_w, comp_b, decomp_
                                         needs)
 
 
+def _ref_embed_tokens(x, weight, bias, cls_token, pos_embed, packed_weight):
+    return reference.embed_tokens(x, weight, bias, cls_token, pos_embed)
+
+
 def _ref_attention(q, k, v, scale):
     return reference.attention_forward(q, k, v, (q.shape[2],), scale)
 
@@ -62,7 +68,7 @@ REFERENCE_OPS: Dict[str, Callable] = {
     "mcl_embed_backward": reference.mcl_embed_backward,
     "mcl_compress": _ref_mcl_compress,
     "mcl_compress_backward": _ref_mcl_compress_backward,
-    "embed_tokens": reference.embed_tokens,
+    "embed_tokens": _ref_embed_tokens,
     "embed_tokens_backward": reference.embed_tokens_backward,
     "attention": _ref_attention,
     "attention_backward": _ref_attention_backward,
@@ -111,7 +117,7 @@ def _native_ops(device_type: str) -> Dict[str, Callable]:
         return {}
     C = _extension._C
     ops: Dict[str, Callable] = {
-        "embed_tokens": lambda x, w, b, cls, pos: C.embed_tokens(x, w, b, cls, pos, int(w.shape[-1]))}
+        "embed_tokens": lambda x, w, b, cls, pos, packed: C.embed_tokens(x, w, b, cls, pos, int(w.shape[-1]), packed)}
     # The fused training ops have a C++ kernel for the CPU only (csrc/cpu/mcl_embed.cpp); an extension built
     # before them lacks the functions, and then the reference runs those ops.
     if device_type == "cpu" and hasattr(C, "mcl_embed"):
@@ -123,7 +129,7 @@ def _native_ops(device_type: str) -> Dict[str, Callable]:
 def _triton_ops() -> Dict[str, Callable]:
     # Kernel modules import Triton on first use, not with mcl_kernels: TRITON_INTERPRET=1 (Triton on CPU
     # tensors) only takes effect when set before that import.
-    def embed_tokens(x, weight, bias, cls_token, pos_embed):
+    def embed_tokens(x, weight, bias, cls_token, pos_embed, packed_weight):
         from .triton.embed_tokens import embed_tokens as kernel
         return kernel(x, weight, bias, cls_token, pos_embed)
 

@@ -149,12 +149,17 @@ def merge_weights(proj_weight: Tensor, proj_bias: Optional[Tensor], compress_wei
 
 
 def embed_tokens(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, cls_token: Optional[Tensor] = None,
-                 pos_embed: Optional[Tensor] = None, *, backend: str = "auto") -> Tensor:
+                 pos_embed: Optional[Tensor] = None, *, backend: str = "auto",
+                 packed_weight: Optional[Tensor] = None) -> Tensor:
     """Inference embedding: ``conv2d(x, weight, bias, stride=P)`` as tokens, class token first, position
-    embedding added, written into one ``[B, T, D]`` buffer (``T = N`` or ``1 + N``)."""
+    embedding added, written into one ``[B, T, D]`` buffer (``T = N`` or ``1 + N``).
+
+    ``packed_weight``: :func:`mcl_kernels.pack_embed_weight` of ``weight``, made once ahead of the calls, which the
+    CPU kernels then read instead of packing the weight on every call (``mcl_kernels.prepack``); unused (the same
+    result, at the usual speed) where it does not hold this weight, unchanged, for this call's kernel."""
     backends.check_name(backend)
     amp = _autocast_dtype(x)
     if amp is not None:
         with torch.autocast(x.device.type, enabled=False):
-            return ops.embed_tokens(*_cast((x, weight, bias, cls_token, pos_embed), amp), backend)
-    return ops.embed_tokens(x, weight, bias, cls_token, pos_embed, backend)
+            return ops.embed_tokens(*_cast((x, weight, bias, cls_token, pos_embed), amp), backend, packed_weight)
+    return ops.embed_tokens(x, weight, bias, cls_token, pos_embed, backend, packed_weight)

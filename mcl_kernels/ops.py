@@ -171,18 +171,22 @@ mcl_compress.register_autograd(_mcl_compress_grad, setup_context=_mcl_compress_s
 
 @torch.library.custom_op("mcl_kernels::embed_tokens", mutates_args=())
 def embed_tokens(x: Tensor, weight: Tensor, bias: Optional[Tensor], cls_token: Optional[Tensor],
-                 pos_embed: Optional[Tensor], backend: str) -> Tensor:
-    """Patch embedding with class token and position embedding written into one ``[B, T, D]`` buffer."""
+                 pos_embed: Optional[Tensor], backend: str, packed_weight: Optional[Tensor] = None) -> Tensor:
+    """Patch embedding with class token and position embedding written into one ``[B, T, D]`` buffer.
+    ``packed_weight``: None, or the weight as ``functional.pack_embed_weight`` packed it (a speed-up only: a
+    backend reads it where it holds this weight unchanged, else ignores it)."""
     _checks.check_embed_tokens(x, weight, bias, cls_token, pos_embed)
+    _checks.check_packed_weight(packed_weight)
     inputs = (x, weight, bias, cls_token, pos_embed)
     tiles = backends.on_amx_tiles("embed_tokens", x, weight.shape[-1])
     fn = backends.resolve("embed_tokens", backend, x.device, x.dtype, _size(x, weight), amx_tiles=tiles)
-    return _own(fn(*inputs), x, inputs)
+    return _own(fn(*inputs, packed_weight), x, inputs + (packed_weight,))
 
 
 @embed_tokens.register_fake
-def _(x, weight, bias, cls_token, pos_embed, backend):
+def _(x, weight, bias, cls_token, pos_embed, backend, packed_weight=None):
     T, D = _checks.check_embed_tokens(x, weight, bias, cls_token, pos_embed)
+    _checks.check_packed_weight(packed_weight)
     return x.new_empty((x.shape[0], T, D))
 
 
@@ -202,7 +206,7 @@ def _(grad, x, weight, bias, cls_token, pos_embed, needs, backend):
 
 
 def _embed_tokens_setup(ctx, inputs, output):
-    *tensors, backend = inputs
+    *tensors, backend, _packed_weight = inputs  # the backward reads the weight itself
     ctx.save_for_backward(*tensors)
     ctx.backend = backend
 
@@ -210,7 +214,7 @@ def _embed_tokens_setup(ctx, inputs, output):
 def _embed_tokens_grad(ctx, grad):
     needs = [bool(n) for n in ctx.needs_input_grad[:5]]
     grads = embed_tokens_backward(grad, *ctx.saved_tensors, needs, ctx.backend)
-    return (*_grads_to_none(grads, needs), None)
+    return (*_grads_to_none(grads, needs), None, None)
 
 
 embed_tokens.register_autograd(_embed_tokens_grad, setup_context=_embed_tokens_setup)

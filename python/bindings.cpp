@@ -13,13 +13,25 @@ namespace py = pybind11;
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Native kernels of mcl_kernels (C++ on the CPU, CUDA C++ when built with CUDA).";
   m.def("embed_tokens", &mcl::embed_tokens, py::arg("x"), py::arg("weight"), py::arg("bias"),
-        py::arg("cls_token"), py::arg("pos_embed"), py::arg("patch"), py::call_guard<py::gil_scoped_release>(),
+        py::arg("cls_token"), py::arg("pos_embed"), py::arg("patch"), py::arg("packed_weight") = py::none(),
+        py::call_guard<py::gil_scoped_release>(),
         R"doc(Inference patch embedding written straight into its output.
 
 x [B, C, H, W] (any strides), weight [D, C, P, P] with P == patch, bias [D] or None, cls_token [D] or
 [1, 1, D] or None, pos_embed [T, D] or [1, T, D] or None, all of x's dtype and device.
 Returns [B, T, D] (contiguous, x.dtype) with T = (1 if cls_token else 0) + (H/P)*(W/P): the class token
-(+ pos[0]) in row 0, then conv2d(x, weight, bias, stride=P).flatten(2).transpose(1, 2) + pos[t0:].)doc");
+(+ pos[0]) in row 0, then conv2d(x, weight, bias, stride=P).flatten(2).transpose(1, 2) + pos[t0:].
+packed_weight: None, or embed_tokens_pack(weight): the CPU kernels then skip packing the weight where the blob
+holds it unchanged for this call's path (embed_tokens_cpu_uses_packed), and pack it as usual otherwise.)doc");
+  m.def("embed_tokens_pack", &mcl::embed_tokens_pack, py::arg("weight"), py::call_guard<py::gil_scoped_release>(),
+        R"doc(The CPU weight [D, C, P, P] packed once for embed_tokens' CPU kernels (the layout a contiguous image of
+its dtype is read with on this CPU): a 1-D uint8 tensor, empty where that path packs nothing or the weight is an
+inference tensor (no version counter to tell a change by). Valid while the weight is unchanged: an in-place change
+moves its version counter on and the blob is no longer used; a change through weight.data does not, so pack again
+after one.)doc");
+  m.def("embed_tokens_cpu_uses_packed", &mcl::embed_tokens_cpu_uses_packed, py::arg("x"), py::arg("weight"),
+        py::arg("packed_weight"),
+        "Whether embed_tokens on the CPU reads the weight from packed_weight for images x instead of packing it.");
   m.def("mcl_embed", &mcl::mcl_embed, py::arg("x"), py::arg("proj_w"), py::arg("proj_b"), py::arg("comp_w"),
         py::arg("comp_b"), py::arg("decomp_w"), py::arg("decomp_b"), py::arg("k"),
         py::call_guard<py::gil_scoped_release>(),

@@ -26,6 +26,7 @@
 
 #include "../embed_tokens.h"
 #include "amx_patch_gemm.h"
+#include "embed_prepack.h"
 #include "patch_gemm.h"
 #include "tile_gemm.h"
 
@@ -126,12 +127,15 @@ bool by_panels(const EmbedShape& s, int64_t elem_bytes, int64_t threads) {
 // Split by patches (see by_panels): each tile's patches as runs of up to max_rows() (for_each_run), all of them through
 // patch_gemm::run_runs, which orders the panels, channels and runs for the ISA.
 template <typename scalar_t>
-void embed_direct(const at::Tensor& x, const at::Tensor& w2d, const Plan<float>& plan, const EmbedShape& s,
-                  at::Tensor& out) {
+void embed_direct(const at::Tensor& x, const at::Tensor& w2d, const void* prepacked, const Plan<float>& plan,
+                  const EmbedShape& s, at::Tensor& out) {
   namespace pg = cpu::patch_gemm;
   const int64_t D = s.D, P = s.P, K = s.C * P * P, Q = pg::panels(D), panel = K * pg::kPanel;
-  at::Tensor wp = at::empty({Q * panel}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  scalar_t* wpp = static_cast<scalar_t*>(wp.data_ptr());
+  // The panels: packed here (own), or ahead of the call (prepacked).
+  const auto opts = x.options().memory_format(at::MemoryFormat::Contiguous);
+  const at::Tensor wp = prepacked ? at::Tensor() : at::empty({Q * panel}, opts);
+  scalar_t* own = prepacked ? nullptr : static_cast<scalar_t*>(wp.data_ptr());
+  const scalar_t* wpp = prepacked ? static_cast<const scalar_t*>(prepacked) : own;
   const auto* wsrc = static_cast<const scalar_t*>(w2d.data_ptr());
   const auto* xp = static_cast<const scalar_t*>(x.const_data_ptr());
   const int64_t sB = x.stride(0), sC = x.stride(1), sH = x.stride(2);
@@ -150,12 +154,14 @@ void embed_direct(const at::Tensor& x, const at::Tensor& w2d, const Plan<float>&
     std::vector<pg::Run<scalar_t>> runs;
     runs_of(0, plan.rows, runs);
     at::parallel_for(0, Q, 1, [&](int64_t q0, int64_t q1) {  // Q / threads panels each
-      for (int64_t q = q0; q < q1; ++q) pg::pack_panel(wsrc, D, K, P * P, q, wpp + q * panel);
+      if (own) {
+        for (int64_t q = q0; q < q1; ++q) pg::pack_panel(wsrc, D, K, P * P, q, own + q * panel);
+      }
       pg::run_runs(runs.data(), static_cast<int64_t>(runs.size()), sC, sH, P, s.C, wpp, D, q0, q1, D, D);
     });
     return;
   }
-  pg::pack(wsrc, D, K, P * P, wpp);
+  if (own) pg::pack(wsrc, D, K, P * P, own);
   at::parallel_for(0, plan.slots, 1, [&](int64_t s0, int64_t s1) {
     std::vector<pg::Run<scalar_t>> runs;
     for (int64_t tile = s0 * plan.per_slot; tile < s1 * plan.per_slot; ++tile) {
@@ -173,14 +179,18 @@ void embed_direct(const at::Tensor& x, const at::Tensor& w2d, const Plan<float>&
 // AMD EPYC Zen 3, paired, D = 192-768: B = 1 1.34-1.54, B = 2-32 1.13-1.35 (benchmarks/results/
 // bf16-widen-ab-cpu-2core-zen3.txt). Before cpu/simd.h widened with AVX2 it lost below 16 images (0.76-1.03), and
 // took batches of 32 images up only.
-void embed_widened(const at::Tensor& x, const at::Tensor& w2d, const Plan<float>& plan, const EmbedShape& s,
-                   at::Tensor& out) {
+void embed_widened(const at::Tensor& x, const at::Tensor& w2d, const void* prepacked, const Plan<float>& plan,
+                   const EmbedShape& s, at::Tensor& out) {
   namespace pg = cpu::patch_gemm;
   using bf16 = c10::BFloat16;
   const int64_t D = s.D, P = s.P, K = s.C * P * P, Q = pg::panels(D), N = s.N;
-  const at::Tensor wf = w2d.to(at::kFloat).contiguous();
-  at::Tensor wp = at::empty({Q * K * pg::kPanel}, wf.options());
-  pg::pack(wf.data_ptr<float>(), D, K, P * P, wp.data_ptr<float>());
+  at::Tensor wp;
+  if (!prepacked) {
+    const at::Tensor wf = w2d.to(at::kFloat).contiguous();
+    wp = at::empty({Q * K * pg::kPanel}, wf.options());
+    pg::pack(wf.const_data_ptr<float>(), D, K, P * P, wp.data_ptr<float>());
+  }
+  const float* wpp = prepacked ? static_cast<const float*>(prepacked) : wp.const_data_ptr<float>();
   const auto* xp = static_cast<const bf16*>(x.const_data_ptr());
   const int64_t sB = x.stride(0), sC = x.stride(1), sH = x.stride(2), HW = s.H * s.W, img = s.C * HW;
   bf16* op = static_cast<bf16*>(out.data_ptr());
@@ -215,8 +225,7 @@ void embed_widened(const at::Tensor& x, const at::Tensor& w2d, const Plan<float>
         for (int64_t r = 0; r < m; ++r) run.px[r] = patch_origin(ib, s, s.W, n + r);
         runs.push_back(run);
       });
-      pg::run_runs(runs.data(), static_cast<int64_t>(runs.size()), HW, s.W, P, s.C, wp.data_ptr<float>(), D, 0, Q, D,
-                   D);
+      pg::run_runs(runs.data(), static_cast<int64_t>(runs.size()), HW, s.W, P, s.C, wpp, D, 0, Q, D, D);
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t b = r / N, n = r % N;
         cpu::simd::to_bf16(sums.get() + (r - r0) * D, op + (b * s.T + s.t0 + n) * D, D);
@@ -232,13 +241,17 @@ constexpr int64_t kAmxGroupsPerCall = 8;
 // bf16 images with unit W stride and P a multiple of 16 on AMX CPUs (amx_patch_gemm.h). A group is one patch
 // position in up to 16 images when there are enough images to fill most of a tile (as many as a patch row has
 // patches), else up to 16 consecutive patches of one patch row.
-void embed_amx(const at::Tensor& x, const at::Tensor& w2d, const Plan<float>& plan, const EmbedShape& s,
-               at::Tensor& out) {
+void embed_amx(const at::Tensor& x, const at::Tensor& w2d, const void* prepacked, const Plan<float>& plan,
+               const EmbedShape& s, at::Tensor& out) {
   namespace amx = cpu::amx;
   using bf16 = c10::BFloat16;
   const int64_t D = s.D, P = s.P, K = s.C * P * P, N = s.N, T = s.T;
-  at::Tensor wp = at::empty({amx::packed_size(D, K)}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  amx::pack(static_cast<const bf16*>(w2d.data_ptr()), D, K, static_cast<bf16*>(wp.data_ptr()));
+  at::Tensor wp;
+  if (!prepacked) {
+    wp = at::empty({amx::packed_size(D, K)}, x.options().memory_format(at::MemoryFormat::Contiguous));
+    amx::pack(static_cast<const bf16*>(w2d.data_ptr()), D, K, static_cast<bf16*>(wp.data_ptr()));
+  }
+  const auto* wpp = static_cast<const bf16*>(prepacked ? prepacked : wp.const_data_ptr());
   const auto* xp = static_cast<const bf16*>(x.const_data_ptr());
   const int64_t sB = x.stride(0), sC = x.stride(1), sH = x.stride(2);
   bf16* op = static_cast<bf16*>(out.data_ptr());
@@ -269,7 +282,7 @@ void embed_amx(const at::Tensor& x, const at::Tensor& w2d, const Plan<float>& pl
   at::parallel_for(0, calls, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t g0 = c * G / calls, g1 = (c + 1) * G / calls;
-      amx::run(groups.data() + g0, g1 - g0, sC, sH, P, s.C, static_cast<const bf16*>(wp.data_ptr()), D);
+      amx::run(groups.data() + g0, g1 - g0, sC, sH, P, s.C, wpp, D);
     }
   });
 }
@@ -350,22 +363,25 @@ void embed_tiles(const at::Tensor& x, const at::Tensor& w2d, const Plan<acc_type
 
 template <typename scalar_t>
 void embed_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-               const std::optional<at::Tensor>& pos_embed, const EmbedShape& s, at::Tensor& out) {
-  const at::Tensor w2d = weight.reshape({s.D, s.C * s.P * s.P}).contiguous();
+               const std::optional<at::Tensor>& pos_embed, const std::optional<at::Tensor>& packed_weight,
+               const EmbedShape& s, at::Tensor& out) {
+  // The weight as packed ahead of the call, where the blob holds it for this call's path (else packed below).
+  const void* pre = cpu::prepack::prepacked(packed_weight, weight, cpu::prepack::kind_for(x, s.P));
+  const at::Tensor w2d = pre ? weight : weight.reshape({s.D, s.C * s.P * s.P}).contiguous();
   Plan<acc_type<scalar_t>> plan(bias, pos_embed, s);
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    if (embed_tokens_cpu_amx(x, s.P)) return embed_amx(x, w2d, plan, s, out);
+    if (embed_tokens_cpu_amx(x, s.P)) return embed_amx(x, w2d, pre, plan, s, out);
   }
   if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
     if (embed_tokens_cpu_direct(x, s.P)) {
       plan.whole_images(s);
-      return embed_direct<scalar_t>(x, w2d, plan, s, out);
+      return embed_direct<scalar_t>(x, w2d, pre, plan, s, out);
     }
   }
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     if (embed_tokens_cpu_widened(x, s.P)) {
       plan.whole_images(s);
-      return embed_widened(x, w2d, plan, s, out);
+      return embed_widened(x, w2d, pre, plan, s, out);
     }
   }
   embed_tiles<scalar_t>(x, w2d, plan, s, out);
@@ -389,6 +405,15 @@ bool embed_tokens_cpu_by_panels(const at::Tensor& x, int64_t width, int64_t patc
 
 bool embed_tokens_cpu_amx(const at::Tensor& x, int64_t patch) { return cpu::amx::reads(x, patch); }
 
+at::Tensor embed_tokens_pack(const at::Tensor& weight) { return cpu::prepack::pack(weight); }
+
+bool embed_tokens_cpu_uses_packed(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& packed_weight) {
+  TORCH_CHECK(x.dim() == 4 && weight.dim() == 4, "embed_tokens_cpu_uses_packed: expected x [B, C, H, W] and weight "
+              "[D, C, P, P], got shapes ", x.sizes(), " and ", weight.sizes());
+  cpu::prepack::check_blob(packed_weight);
+  return x.is_cpu() && cpu::prepack::prepacked(packed_weight, weight, cpu::prepack::kind_for(x, weight.size(-1)));
+}
+
 bool embed_tokens_cpu_widened(const at::Tensor& x, int64_t patch) {
   return x.scalar_type() == at::kBFloat16 && x.dim() == 4 && (x.stride(3) == 1 || x.size(3) <= 1) &&
          cpu::patch_gemm::available(at::kFloat, patch) && !embed_tokens_cpu_direct(x, patch) &&
@@ -398,7 +423,8 @@ bool embed_tokens_cpu_widened(const at::Tensor& x, int64_t patch) {
 at::Tensor embed_tokens_cpu(const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias,
                             const std::optional<at::Tensor>& cls_token,
-                            const std::optional<at::Tensor>& pos_embed, const EmbedShape& s) {
+                            const std::optional<at::Tensor>& pos_embed,
+                            const std::optional<at::Tensor>& packed_weight, const EmbedShape& s) {
   at::Tensor out = at::empty({s.B, s.T, s.D}, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (s.B == 0) return out;
   if (cls_token.has_value()) {
@@ -408,7 +434,7 @@ at::Tensor embed_tokens_cpu(const at::Tensor& x, const at::Tensor& weight,
   }
   if (s.N == 0 || s.D == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "embed_tokens_cpu", [&] {
-    embed_cpu<scalar_t>(x, weight, bias, pos_embed, s, out);
+    embed_cpu<scalar_t>(x, weight, bias, pos_embed, packed_weight, s, out);
   });
   return out;
 }

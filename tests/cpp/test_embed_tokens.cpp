@@ -67,7 +67,15 @@ void run_case(const Case& c) {
     return t->to(c.dtype);
   };
   const at::Tensor xl = x.to(c.dtype);  // keeps x's strides (preserve_format)
-  const at::Tensor out = mcl::embed_tokens(xl, w.to(c.dtype), cast(b), cast(cls), cast(pos), c.P);
+  const at::Tensor wl = w.to(c.dtype);
+  const at::Tensor out = mcl::embed_tokens(xl, wl, cast(b), cast(cls), cast(pos), c.P);
+  // The weight packed ahead: bitwise the same tokens, read from the blob wherever the call's kernel packs at all.
+  const at::Tensor blob = mcl::embed_tokens_pack(wl);
+  const at::Tensor with_blob = mcl::embed_tokens(xl, wl, cast(b), cast(cls), cast(pos), c.P, blob);
+  expect(at::equal(with_blob, out), c.name() + ": tokens with the packed weight differ from packing per call");
+  expect(mcl::embed_tokens_cpu_uses_packed(xl, wl, blob) == (blob.numel() > 0 && xl.stride(3) == 1),
+         c.name() + ": the blob is " + (mcl::embed_tokens_cpu_uses_packed(xl, wl, blob) ? "" : "not ") +
+         "used (blob of " + std::to_string(blob.numel()) + " bytes)");
   // Reference in float64 from the same rounded inputs.
   auto up = [](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
     if (!t) return std::nullopt;
@@ -114,6 +122,8 @@ void bad_inputs() {
   expect_throws("bias dtype", "BFloat16", [&] { mcl::embed_tokens(x, w, b.to(at::kBFloat16), {}, {}, 32); });
   expect_throws("integer image", "Int", [&] { mcl::embed_tokens(x.to(at::kInt), w, b, {}, {}, 32); });
   expect_throws("meta tensors", "meta", [&] { mcl::embed_tokens(x.to(at::kMeta), w.to(at::kMeta), {}, {}, {}, 32); });
+  expect_throws("packed weight of floats", "1-D uint8 CPU tensor", [&] { mcl::embed_tokens(x, w, b, {}, {}, 32, w); });
+  expect_throws("pack a rank-3 weight", "got shape [3, 32, 32]", [&] { mcl::embed_tokens_pack(w[0]); });
 }
 
 }  // namespace
