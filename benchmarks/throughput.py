@@ -189,14 +189,14 @@ def models_section(bench: Bench, args: argparse.Namespace) -> None:
     """Whole models (opt-in: ``--sections models``; tens of minutes on a CPU, about a minute on a GPU).
 
     ``models-infer``: images/s of the deployed MCL-DeiT-Ti/S/B-32 (plain timm ViT-/32s from
-    ``MCLViT.deploy``) against timm DeiT-Ti/16 (baseline: the model MCL-DeiT-S/32 beats at 1.5x its speed),
-    DeiT-S/16, ViT-S/32 and torchvision MobileNetV2 and RegNetY-400MF, at batch 1, 16 and 64 in float32 and
-    bfloat16 (weights and inputs cast). ``models-train``: one training step (forward, backward, AdamW step) of
-    MCL-DeiT-S/32 (three branches, fused embedding) against one step of plain DeiT-S/16 (baseline) and of
-    ViT-S/32, at ``--batch`` (at most 64), the steps timed in turn round by round; bfloat16 under autocast.
-    ``--quick``: the tiny sizes only, batch 1
-    and 2. GFLOP/s from torch's FlopCounterMode plus the embedding's GEMMs (FlopCounterMode does not see
-    inside the custom ops); ``%peak`` against the ``torch.mm`` peak of each dtype, measured in this run.
+    ``MCLViT.deploy``; ``fused embed``: the same with ``mcl_kernels.swap_patch_embed(prepack=True)``, the
+    embedding on ``embed_tokens`` with its weight packed once) against timm DeiT-Ti/16 (baseline: the model
+    MCL-DeiT-S/32 beats at 1.5x its speed), DeiT-S/16, ViT-S/32 and torchvision MobileNetV2 and RegNetY-400MF,
+    at batch 1, 16 and 64 in float32 and bfloat16 (weights and inputs cast). ``models-train``: one training step
+    (forward, backward, AdamW step) of MCL-DeiT-S/32 (three branches, fused embedding) against one step of plain
+    DeiT-S/16 (baseline) and of ViT-S/32, at ``--batch`` (at most 64), the steps timed in turn round by round;
+    bfloat16 under autocast. ``--quick``: the tiny sizes only, batch 1 and 2. GFLOP/s from torch's
+    FlopCounterMode plus the embedding's GEMMs (FlopCounterMode does not see inside the custom ops); ``%peak`` against the ``torch.mm`` peak of each dtype, measured in this run.
     """
     from torch.utils.flop_counter import FlopCounterMode
     try:
@@ -237,13 +237,23 @@ def models_section(bench: Bench, args: argparse.Namespace) -> None:
     def mcl(name: str, **kw):
         return create_model(name, num_classes=1000, img_size=img, backend=args.backend, **kw)
 
+    def fused_embed(model):
+        """The deployed timm ViT with its PatchEmbed run on mcl_kernels.embed_tokens, the weight packed once."""
+        mk.swap_patch_embed(model, backend=args.backend, prepack=True)
+        return model
+
     infer = [("timm DeiT-Ti/16", lambda: timm_model("deit_tiny_patch16_224")),
-             ("MCL-DeiT-Ti/32 (deployed)", lambda: mcl("mcl_deit_tiny_patch32_224").deploy("fast"))]
+             ("MCL-DeiT-Ti/32 (deployed)", lambda: mcl("mcl_deit_tiny_patch32_224").deploy("fast")),
+             ("MCL-DeiT-Ti/32 (fused embed)", lambda: fused_embed(mcl("mcl_deit_tiny_patch32_224").deploy("fast")))]
     if size is None:
         infer += [("timm DeiT-S/16", lambda: timm_model("deit_small_patch16_224")),
                   ("timm ViT-S/32", lambda: timm_model("vit_small_patch32_224")),
                   ("MCL-DeiT-S/32 (deployed)", lambda: mcl("mcl_deit_small_patch32_224").deploy("fast")),
-                  ("MCL-DeiT-B/32 (deployed)", lambda: mcl("mcl_deit_base_patch32_224").deploy("fast"))]
+                  ("MCL-DeiT-S/32 (fused embed)",
+                   lambda: fused_embed(mcl("mcl_deit_small_patch32_224").deploy("fast"))),
+                  ("MCL-DeiT-B/32 (deployed)", lambda: mcl("mcl_deit_base_patch32_224").deploy("fast")),
+                  ("MCL-DeiT-B/32 (fused embed)",
+                   lambda: fused_embed(mcl("mcl_deit_base_patch32_224").deploy("fast")))]
     if torchvision is not None:
         infer.append(("torchvision MobileNetV2", lambda: torchvision.models.mobilenet_v2(weights=None)))
         if size is None:
@@ -256,10 +266,14 @@ def models_section(bench: Bench, args: argparse.Namespace) -> None:
         print(f"  {section:<12} {case:<22} {impl:<28} {dname:<8} {sec * 1e3:9.3f} ms "
               f"{extra['images_per_s']:9.1f} img/s {r.gflops:8.1f} GFLOP/s {r.ratio:6.2f}x", flush=True)
 
-    def count_flops(fn) -> float:
+    def count_flops(fn, model=None, B=0) -> float:
         with FlopCounterMode(display=False) as fc:
             fn()
-        return float(fc.get_total_flops())
+        # FlopCounterMode does not see inside the custom ops: a swapped-in embedding's GEMM, counted here.
+        embeds = [m for m in model.modules() if isinstance(m, mk.MergedPatchEmbed)] if model is not None else []
+        return float(fc.get_total_flops()) + sum(
+            2.0 * B * (img // m.patch_size[0]) * (img // m.patch_size[1]) * m.proj.weight[0].numel() *
+            m.proj.weight.shape[0] for m in embeds)
 
     for label, build in [(label, build) for label, build in infer if selected(label)]:
         torch.manual_seed(0)
@@ -274,7 +288,7 @@ def models_section(bench: Bench, args: argparse.Namespace) -> None:
                         return m(x)
                     try:
                         sec = harness.median_seconds(fn, dev, args.warmup, args.repeats)
-                        flops = count_flops(fn)
+                        flops = count_flops(fn, built, B)
                     except Exception as exc:  # noqa: BLE001 - one failing peer must not hide the others
                         print(f"  [models-infer/{case}] {label}: skipped ({type(exc).__name__}: {exc})",
                               file=sys.stderr)

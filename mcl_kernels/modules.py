@@ -69,6 +69,32 @@ class MergedPatchEmbed(nn.Module):
                               dtype=dtype)
         self.norm = nn.Identity()
 
+    @classmethod
+    def from_timm(cls, patch_embed: nn.Module, backend: str = "auto", prepack: bool = False) -> "MergedPatchEmbed":
+        """A ``MergedPatchEmbed`` that shares timm ``PatchEmbed``'s ``proj`` (no copy: optimizers and checkpoints keep
+        pointing at the same tensors; the state dict keeps its keys), for a deployed timm ViT to run its embedding on
+        the fused kernels. Only what this module computes converts: a square, non-overlapping ``Conv2d`` patch
+        projection, tokens flattened to ``[B, N, D]``, no norm layer, no dynamic padding."""
+        why = _not_convertible(patch_embed)
+        if why is not None:
+            raise TypeError(f"cannot run this patch embedding as a MergedPatchEmbed: {why}")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.patch_size = tuple(patch_embed.patch_size)
+        new.img_size = None if patch_embed.img_size is None else tuple(patch_embed.img_size)
+        new.grid_size = None if new.img_size is None else tuple(patch_embed.grid_size)
+        new.num_patches = None if new.img_size is None else patch_embed.num_patches
+        new.flatten = True
+        new.strict_img_size = bool(patch_embed.strict_img_size) and new.img_size is not None
+        new.dynamic_img_pad = False
+        new.backend = backends.check_name(backend)
+        new.prepack = _check_prepack(prepack)
+        new._packed = PackedEmbedWeight()
+        new.proj = patch_embed.proj
+        new.norm = nn.Identity()
+        new.train(patch_embed.training)
+        return new
+
     def feat_ratio(self, as_scalar: bool = True):
         return max(self.patch_size) if as_scalar else self.patch_size
 
@@ -88,6 +114,53 @@ class MergedPatchEmbed(nn.Module):
     def clear_packed(self) -> None:
         """Pack the weight again on the next call (after changing it through ``proj.weight.data``)."""
         self._packed.clear()
+
+
+def _not_convertible(patch_embed: nn.Module) -> Optional[str]:
+    """Why ``patch_embed`` is not timm's plain ``PatchEmbed`` computation (None when it is)."""
+    try:
+        from timm.layers import PatchEmbed
+    except ImportError as exc:
+        raise ImportError(f"converting timm's PatchEmbed needs timm (pip install timm): {exc}") from exc
+    if type(patch_embed) is not PatchEmbed:
+        kind = type(patch_embed)
+        return f"expected timm.layers.PatchEmbed itself, got {kind.__module__}.{kind.__name__}"
+    proj = patch_embed.proj
+    if type(proj) is not nn.Conv2d:
+        return f"its proj is {type(proj).__name__}, not nn.Conv2d"
+    k, stride = tuple(proj.kernel_size), tuple(proj.stride)
+    if k[0] != k[1] or stride != k or tuple(proj.padding) != (0, 0) or tuple(proj.dilation) != (1, 1) \
+            or proj.groups != 1:
+        return (f"its proj is not square, non-overlapping patches (kernel {k}, stride {stride}, padding "
+                f"{proj.padding}, dilation {proj.dilation}, groups {proj.groups})")
+    if not patch_embed.flatten:
+        return "it returns a feature map, not flattened tokens (flatten=False, e.g. a ViT with dynamic_img_size=True)"
+    if not isinstance(patch_embed.norm, nn.Identity):
+        return f"it has a norm layer ({type(patch_embed.norm).__name__}) after the projection"
+    if patch_embed.dynamic_img_pad:
+        return "it pads images to a multiple of the patch (dynamic_img_pad=True)"
+    return None
+
+
+def swap_patch_embed(model: nn.Module, backend: str = "auto", prepack: bool = False) -> int:
+    """Replace, in place, every timm ``PatchEmbed`` inside ``model`` (a deployed ViT: ``MCLViT.deploy``) by a
+    :class:`MergedPatchEmbed` sharing its projection (:meth:`MergedPatchEmbed.from_timm`); returns how many were
+    replaced. The state dict is unchanged. ``prepack=True`` packs the weight once for the CPU kernels (CPU
+    deployment). One that cannot be converted raises before any is replaced."""
+    try:
+        from timm.layers import PatchEmbed
+    except ImportError as exc:
+        raise ImportError(f"converting timm's PatchEmbed needs timm (pip install timm): {exc}") from exc
+    targets = [(name, m) for name, m in model.named_modules() if type(m) is PatchEmbed]
+    for name, m in targets:
+        why = _not_convertible(m)
+        if why is not None:
+            raise TypeError(f"cannot run {name or 'the model'} as a MergedPatchEmbed: {why}")
+    for name, m in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, MergedPatchEmbed.from_timm(m, backend, prepack))
+    return len(targets)
 
 
 class FusedMCLEmbed(nn.Module):

@@ -54,6 +54,7 @@ def test_models_section_quick_run(tmp_path):
     impls = {(r["section"], r["impl"], r["dtype"]) for r in rows}
     for dtype in ("float32", "bfloat16"):
         assert {("models-infer", "timm DeiT-Ti/16", dtype), ("models-infer", "MCL-DeiT-Ti/32 (deployed)", dtype),
+                ("models-infer", "MCL-DeiT-Ti/32 (fused embed)", dtype),
                 ("models-train", "timm DeiT-Ti/16 step", dtype),
                 ("models-train", "MCL-DeiT-Ti/32 step", dtype)} <= impls
     for r in rows:

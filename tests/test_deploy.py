@@ -224,3 +224,52 @@ def test_generic_wrap_without_a_timm_name():
     x = image(2)
     with torch.no_grad():
         assert rel_err(model.deploy("fast")(x), model(x).large) <= DEPLOY_RTOL
+
+
+def test_swap_patch_embed_runs_a_deployed_model_on_the_fused_embedding():
+    """swap_patch_embed turns the deployed timm ViT's PatchEmbed into a MergedPatchEmbed sharing its projection: the
+    same state dict (keys and tensors), the same logits to fp32 rounding, and with prepack=True the packed weight."""
+    import mcl_kernels as mk
+    model = trained_like("mcl_deit_small_patch32_224")
+    deployed = model.deploy("fast").eval()
+    x = image()
+    with torch.no_grad():
+        expected = deployed(x)
+        before = deployed.state_dict()
+        assert mk.swap_patch_embed(deployed, prepack=True) == 1
+        pe = deployed.patch_embed
+        assert isinstance(pe, mk.MergedPatchEmbed) and pe.prepack and pe.patch_size == (32, 32)
+        after = deployed.state_dict()
+        assert list(after) == list(before) and all(after[k] is before[k] or after[k].data_ptr() == before[k].data_ptr()
+                                                   for k in before)
+        assert rel_err(deployed(x), expected) <= DEPLOY_RTOL
+        assert rel_err(deployed(x), model.forward_large(x)) <= DEPLOY_RTOL
+        if mk._extension._C is not None and mk._extension._C.patch_gemm_isa() != "none":
+            blob = pe.packed_weight()
+            assert blob is not None and mk._extension._C.embed_tokens_cpu_uses_packed(x, pe.proj.weight, blob)
+    assert mk.swap_patch_embed(deployed) == 0  # nothing of timm's left
+
+
+def test_swap_patch_embed_refuses_what_it_would_compute_differently():
+    import mcl_kernels as mk
+    from timm.layers import PatchEmbed
+    from timm.models.vision_transformer import VisionTransformer
+    from torch import nn
+    with pytest.raises(TypeError, match=r"it returns a feature map, not flattened tokens \(flatten=False"):
+        mk.swap_patch_embed(VisionTransformer(img_size=IMG, patch_size=32, embed_dim=16, depth=1, num_heads=2,
+                                              dynamic_img_size=True))
+    with pytest.raises(TypeError, match=r"it has a norm layer \(LayerNorm\)"):
+        mk.MergedPatchEmbed.from_timm(PatchEmbed(IMG, 32, 3, 16, norm_layer=nn.LayerNorm))
+    with pytest.raises(TypeError, match="it pads images to a multiple of the patch"):
+        mk.MergedPatchEmbed.from_timm(PatchEmbed(IMG, 32, 3, 16, dynamic_img_pad=True))
+    with pytest.raises(TypeError, match="expected timm.layers.PatchEmbed itself, got torch.nn.modules.linear.Linear"):
+        mk.MergedPatchEmbed.from_timm(nn.Linear(3, 3))
+    overlapping = PatchEmbed(IMG, 32, 3, 16)
+    overlapping.proj = nn.Conv2d(3, 16, 32, stride=16)
+    with pytest.raises(TypeError, match=r"not square, non-overlapping patches \(kernel \(32, 32\), stride \(16, 16\)"):
+        mk.MergedPatchEmbed.from_timm(overlapping)
+    # One that cannot convert: none is replaced.
+    holder = nn.Sequential(PatchEmbed(IMG, 32, 3, 16), PatchEmbed(IMG, 32, 3, 16, norm_layer=nn.LayerNorm))
+    with pytest.raises(TypeError, match="cannot run 1 as a MergedPatchEmbed"):
+        mk.swap_patch_embed(holder)
+    assert type(holder[0]) is PatchEmbed
