@@ -367,7 +367,7 @@ void embed_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optiona
                const EmbedShape& s, at::Tensor& out) {
   // The weight as packed ahead of the call, where the blob holds it for this call's path (else packed below).
   const void* pre = cpu::prepack::prepacked(packed_weight, weight, cpu::prepack::kind_for(x, s.P));
-  const at::Tensor w2d = pre ? weight : weight.reshape({s.D, s.C * s.P * s.P}).contiguous();
+  const at::Tensor w2d = weight.reshape({s.D, s.C * s.P * s.P}).contiguous();  // a view of a contiguous weight
   Plan<acc_type<scalar_t>> plan(bias, pos_embed, s);
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     if (embed_tokens_cpu_amx(x, s.P)) return embed_amx(x, w2d, pre, plan, s, out);
