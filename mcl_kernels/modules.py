@@ -78,20 +78,12 @@ class MergedPatchEmbed(nn.Module):
         why = _not_convertible(patch_embed)
         if why is not None:
             raise TypeError(f"cannot run this patch embedding as a MergedPatchEmbed: {why}")
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.patch_size = tuple(patch_embed.patch_size)
-        new.img_size = None if patch_embed.img_size is None else tuple(patch_embed.img_size)
-        new.grid_size = None if new.img_size is None else tuple(patch_embed.grid_size)
-        new.num_patches = None if new.img_size is None else patch_embed.num_patches
-        new.flatten = True
-        new.strict_img_size = bool(patch_embed.strict_img_size) and new.img_size is not None
-        new.dynamic_img_pad = False
-        new.backend = backends.check_name(backend)
-        new.prepack = _check_prepack(prepack)
-        new._packed = PackedEmbedWeight()
-        new.proj = patch_embed.proj
-        new.norm = nn.Identity()
+        proj = patch_embed.proj
+        # Built on the meta device (nothing allocated), then given timm's projection itself.
+        new = cls(patch_embed.img_size, proj.kernel_size[0], proj.in_channels, proj.out_channels,
+                  bias=proj.bias is not None, strict_img_size=bool(patch_embed.strict_img_size), backend=backend,
+                  prepack=prepack, device="meta")
+        new.proj = proj
         new.train(patch_embed.training)
         return new
 
@@ -116,13 +108,17 @@ class MergedPatchEmbed(nn.Module):
         self._packed.clear()
 
 
-def _not_convertible(patch_embed: nn.Module) -> Optional[str]:
-    """Why ``patch_embed`` is not timm's plain ``PatchEmbed`` computation (None when it is)."""
+def _timm_patch_embed() -> type:
     try:
         from timm.layers import PatchEmbed
     except ImportError as exc:
         raise ImportError(f"converting timm's PatchEmbed needs timm (pip install timm): {exc}") from exc
-    if type(patch_embed) is not PatchEmbed:
+    return PatchEmbed
+
+
+def _not_convertible(patch_embed: nn.Module) -> Optional[str]:
+    """Why ``patch_embed`` is not timm's plain ``PatchEmbed`` computation (None when it is)."""
+    if type(patch_embed) is not _timm_patch_embed():
         kind = type(patch_embed)
         return f"expected timm.layers.PatchEmbed itself, got {kind.__module__}.{kind.__name__}"
     proj = patch_embed.proj
@@ -147,11 +143,8 @@ def swap_patch_embed(model: nn.Module, backend: str = "auto", prepack: bool = Fa
     :class:`MergedPatchEmbed` sharing its projection (:meth:`MergedPatchEmbed.from_timm`); returns how many were
     replaced. The state dict is unchanged. ``prepack=True`` packs the weight once for the CPU kernels (CPU
     deployment). One that cannot be converted raises before any is replaced."""
-    try:
-        from timm.layers import PatchEmbed
-    except ImportError as exc:
-        raise ImportError(f"converting timm's PatchEmbed needs timm (pip install timm): {exc}") from exc
-    targets = [(name, m) for name, m in model.named_modules() if type(m) is PatchEmbed]
+    timm_class = _timm_patch_embed()
+    targets = [(name, m) for name, m in model.named_modules() if type(m) is timm_class]
     for name, m in targets:
         why = _not_convertible(m)
         if why is not None:

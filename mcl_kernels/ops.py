@@ -173,7 +173,7 @@ mcl_compress.register_autograd(_mcl_compress_grad, setup_context=_mcl_compress_s
 def embed_tokens(x: Tensor, weight: Tensor, bias: Optional[Tensor], cls_token: Optional[Tensor],
                  pos_embed: Optional[Tensor], backend: str, packed_weight: Optional[Tensor] = None) -> Tensor:
     """Patch embedding with class token and position embedding written into one ``[B, T, D]`` buffer.
-    ``packed_weight``: None, or the weight as ``functional.pack_embed_weight`` packed it (a speed-up only: a
+    ``packed_weight``: None, or the weight as ``mcl_kernels.pack_embed_weight`` packed it (a speed-up only: a
     backend reads it where it holds this weight unchanged, else ignores it)."""
     _checks.check_embed_tokens(x, weight, bias, cls_token, pos_embed)
     _checks.check_packed_weight(packed_weight)

@@ -35,7 +35,7 @@ def pack_embed_weight(weight: Tensor) -> Optional[Tensor]:
         got = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
         raise ValueError(f"expected a patch embedding weight [D, C, P, P], got {got}")
     C = _extension._C
-    if weight.device.type != "cpu" or C is None or not hasattr(C, "embed_tokens_pack") or weight.is_inference():
+    if weight.device.type != "cpu" or C is None or not hasattr(C, "embed_tokens_pack"):
         return None
     with torch.no_grad():
         blob = C.embed_tokens_pack(weight.detach())  # detach: the same memory and version counter

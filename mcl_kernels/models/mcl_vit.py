@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from .. import backends, functional
 from ..attention import MCLAttention, packed_segments
-from ..modules import FusedMCLEmbed, MergedPatchEmbed, _check_img_size
+from ..modules import FusedMCLEmbed, _check_img_size
 
 try:
     from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
@@ -434,8 +434,7 @@ class MCLViT(nn.Module):
         _check_img_size(pe, x, self.large_patch)
         weight, bias = self._merged_weights()
         # Merged in place (is_deployed), the embedding's prepacked weight where it was built with prepack=True.
-        packed = pe.packed_weight() if isinstance(pe, (FusedMCLEmbed, MergedPatchEmbed)) else None
-        tokens = functional.embed_tokens(x, weight, bias, backend=pe.backend, packed_weight=packed)
+        tokens = functional.embed_tokens(x, weight, bias, backend=pe.backend, packed_weight=pe.packed_weight())
         return self._branch(tokens, self.vit.pos_embed if self._has_pos else None)
 
     def _merged_weights(self) -> Tuple[Tensor, Optional[Tensor]]:
