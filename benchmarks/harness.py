@@ -14,7 +14,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Collection, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -230,7 +230,8 @@ def environment(device: torch.device) -> Dict[str, object]:
 
 
 def print_table(rows: List[Row]) -> None:
-    header = (f"{'section':<16} {'case':<30} {'impl':<26} {'dtype':<9} {'ms':>9} {'GFLOP/s':>9} {'%peak':>6} "
+    iw = max([26] + [len(r.impl) for r in rows])  # the impl column as wide as its longest name: columns stay aligned
+    header = (f"{'section':<16} {'case':<30} {'impl':<{iw}} {'dtype':<9} {'ms':>9} {'GFLOP/s':>9} {'%peak':>6} "
               f"{'ratio':>7} {'paired':>7}")
     print(header)
     print("-" * len(header))
@@ -242,7 +243,7 @@ def print_table(rows: List[Row]) -> None:
         ratio = "" if r.ratio is None else f"{r.ratio:6.2f}x"
         paired = r.extra.get("paired_ratio")
         paired = "" if paired is None else f"{paired:6.2f}x"
-        print(f"{r.section:<16} {r.case:<30} {r.impl:<26} {r.dtype:<9} {r.median_ms:9.3f} {r.gflops:9.1f} "
+        print(f"{r.section:<16} {r.case:<30} {r.impl:<{iw}} {r.dtype:<9} {r.median_ms:9.3f} {r.gflops:9.1f} "
               f"{100 * r.peak_fraction:5.1f}% {ratio:>7} {paired:>7}")
 
 
@@ -298,9 +299,11 @@ def cuda_graphed(fn: Callable[[], object]) -> Callable[[], object]:
 
 def time_case(rows: List["Row"], device: torch.device, warmup: int, repeats: int, section: str, case: str,
               dtype: str, peak: float, flops: float, shape: Dict[str, int],
-              impls: Sequence[Tuple[str, Optional[Callable[[], object]]]], memory: bool = True) -> None:
+              impls: Sequence[Tuple[str, Optional[Callable[[], object]]]], memory: bool = True,
+              no_memory: Collection[str] = ()) -> None:
     """Time the implementations of one case, in turn round by round (:func:`interleaved_median_seconds`), and
-    append their rows; the first one that runs is the baseline of the ratios. One failing peer (in its warm-up)
+    append their rows; the first one that runs is the baseline of the ratios. With ``memory``, each row but those
+    named in ``no_memory`` has its peak memory too. One failing peer (in its warm-up)
     is reported and skipped, not allowed to hide the other numbers."""
     live: Dict[str, Callable[[], object]] = {}
     for name, fn in impls:
@@ -320,7 +323,7 @@ def time_case(rows: List["Row"], device: torch.device, warmup: int, repeats: int
     base_ms = base_name = None
     for name, fn in live.items():
         sec = statistics.median(rounds[name])
-        mem = peak_memory(fn, device) if memory else None
+        mem = peak_memory(fn, device) if memory and name not in no_memory else None
         ms = sec * 1e3
         if base_ms is None:
             base_ms, base_name = ms, name

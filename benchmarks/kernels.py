@@ -19,6 +19,11 @@ Sections (``--sections``, default all):
 The training sections' baseline is the eager reference (``mcl_kernels.reference``). Kernel rows are the backends
 of the device that implement the op (CPU: ``cpu``, the C++ kernels; CUDA: ``triton`` and ``cuda``) and ``auto``
 (whatever ``backend="auto"`` picks there); a backend that is not available is skipped with the reason.
+The last row of the fwd, fwdbwd and infer cases, ``bound: GEMMs (torch.mm)``, is not an implementation: it is the
+case's GEMMs alone through ``torch.mm``, on operands built ahead (patch matrix, grouped tokens, gradients), with
+nothing else done. Its ratio is what an implementation whose GEMMs run no faster than torch's own BLAS/cuBLAS on
+these shapes could reach at best, so it says how far a target is from the machine's GEMM speed on this very case
+(the ``torch.mm`` peak is measured on one large square shape). Its FLOPs are the reference's, counted in the tests.
 
 Each row: median time, GFLOP/s, the fraction of the ``torch.mm`` peak of the same dtype measured in this run,
 the ratio baseline-time / time (> 1: faster), and (fwdbwd) peak memory above what existed before the step
@@ -50,6 +55,11 @@ WIDTHS = {192: "DeiT-Ti", 384: "DeiT-S", 768: "DeiT-B"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SECTION_NAMES = ("fwd", "fwdbwd", "infer", "attn", "packed")
 GPU_SECTIONS = ("attn", "packed")  # measured on a CUDA device only: on a CPU the Triton kernels are interpreted
+# The row of each case's GEMMs alone on torch.mm (operands laid out ahead): what an implementation multiplying no
+# faster than torch's GEMM could reach at best, on this case's shapes. No peak memory for it: its operands are built
+# before the step.
+BOUND = "bound: GEMMs (torch.mm)"
+BOUND_MAX_S = 2.0
 DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "latest-kernels.json")
 
 
@@ -128,7 +138,7 @@ class Runner:
     def case(self, section: str, case: str, dtype: str, peak: float, flops: float, shape: Dict[str, int],
              impls: Sequence[Tuple[str, Callable[[], object]]], memory: bool = False) -> None:
         harness.time_case(self.rows, self.device, self.args.warmup, self.args.repeats, section, case, dtype, peak,
-                          flops, shape, impls, memory)
+                          flops, shape, impls, memory, no_memory=(BOUND,))
 
 
 def _compiled(fn: Callable, args: argparse.Namespace) -> Optional[Callable]:
@@ -146,6 +156,14 @@ def training_gemms(D: int, C: int, H: int, W: int, p: int, k: int) -> Dict[str, 
     return {"embed": ns * D * C * p * p, "compress": nl * D * k * k * D, "decompress": nl * k * k * D * D}
 
 
+def training_flops(B: int, gemm: Dict[str, int]) -> Tuple[float, float]:
+    """FLOPs of the training embedding's forward and forward + backward at batch B, from :func:`training_gemms`:
+    the backward has every weight gradient (the forward's FLOPs again) and the token gradients through
+    decompression and compression (the image needs none)."""
+    fwd = 2.0 * B * sum(gemm.values())
+    return fwd, 2 * fwd + 2.0 * B * (gemm["compress"] + gemm["decompress"])
+
+
 def training_inputs(B: int, D: int, C: int, H: int, W: int, p: int, k: int, dtype: torch.dtype,
                     device: torch.device) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """Seeded image and (proj_w, proj_b, comp_w, comp_b, decomp_w, decomp_b), each weight scaled by its fan-in."""
@@ -159,6 +177,49 @@ def training_inputs(B: int, D: int, C: int, H: int, W: int, p: int, k: int, dtyp
                param(D, fan_in=1), param(k * k * D, D, fan_in=D), param(k * k * D, fan_in=1)]
 
 
+def training_gemm_bound(B: int, D: int, C: int, p: int, k: int, ns: int, nl: int, dtype: torch.dtype,
+                        device: torch.device) -> Tuple[Callable[[], object], Callable[[], object]]:
+    """The training embedding's GEMMs alone, through ``torch.mm`` on operands laid out ahead (the patch matrix, the
+    grouped tokens and the gradients already built): (forward, forward + backward). Nothing else is done, no
+    patchify, grouping, bias or sum, so its time bounds any implementation whose GEMMs run no faster than torch's
+    own on these shapes; its FLOPs are the case's (tests count them)."""
+    torch.manual_seed(1)
+
+    def rand(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype)
+
+    cpp, kd = C * p * p, k * k * D
+    patches, emb_w = rand(B * ns, cpp), rand(D, cpp)  # im2col(x); proj.weight as [D, C*p*p]
+    grouped, comp_w, decomp_w = rand(B * nl, kd), rand(D, kd), rand(kd, D)  # group(S); W_c; W_d
+    g_small, g_large, g_recon = rand(B * ns, D), rand(B * nl, D), rand(B * nl, kd)  # gS, gL, group(gR)
+
+    def forward():
+        small = patches @ emb_w.t()
+        large = grouped @ comp_w.t()
+        return small, large, large @ decomp_w.t()
+
+    def forward_backward():
+        small, large, recon = forward()
+        g_large_all = torch.addmm(g_large, g_recon, decomp_w)  # gL + group(gR) W_d
+        return (small, recon, g_recon.t() @ large,  # dW_d
+                g_large_all.t() @ grouped,  # dW_c
+                g_large_all @ comp_w,  # group(gS') from the compression
+                g_small.t() @ patches)  # dE
+
+    return forward, forward_backward
+
+
+def gemm_bound(fn: Callable[[], object], flops: float, peak: float, case: str) -> List[Tuple[str, Callable]]:
+    """The row of a case's GEMMs alone (:data:`BOUND`), unless at the measured ``torch.mm`` peak of the dtype it
+    would take over :data:`BOUND_MAX_S` a call: there torch's GEMM is not the fast path (bf16 on CPUs without bf16
+    arithmetic) and bounds nothing."""
+    if flops / (peak * 1e9) > BOUND_MAX_S:
+        print(f"  [{case}] {BOUND}: skipped, torch.mm of this dtype runs at {peak:.1f} GFLOP/s here "
+              f"(> {BOUND_MAX_S:g} s a call)", file=sys.stderr)
+        return []
+    return [(BOUND, fn)]
+
+
 def training_sections(runner: Runner, sections: Sequence[str], dtype_name: str, peak: float) -> None:
     args, dev, dtype = runner.args, runner.device, DTYPES[dtype_name]
     p, k, C = args.patch, args.compress, 3
@@ -170,10 +231,7 @@ def training_sections(runner: Runner, sections: Sequence[str], dtype_name: str, 
         for B in _ints(args.batches):
             x, params = training_inputs(B, D, C, H, W, p, k, dtype, dev)
             leaves = [t.requires_grad_(True) for t in params]
-            fwd_flops = 2.0 * B * sum(gemm.values())
-            # backward: every weight gradient (= the forward's FLOPs) + the token gradients through decompression
-            # and compression (the image needs none)
-            train_flops = 2 * fwd_flops + 2.0 * B * (gemm["compress"] + gemm["decompress"])
+            fwd_flops, train_flops = training_flops(B, gemm)
             shape = {"B": B, "H": H, "W": W, "D": D, "p": p, "k": k}
             case = f"{WIDTHS.get(D, '')} D={D} B={B} {H}x{W}".strip()
 
@@ -185,9 +243,12 @@ def training_sections(runner: Runner, sections: Sequence[str], dtype_name: str, 
                     return tuple(mk.mcl_embed(x, *leaves, compress=k, backend=backend))
                 return run
 
+            bound_fwd, bound_fwdbwd = training_gemm_bound(B, D, C, p, k, ns, nl, dtype, dev)
+
             if "fwd" in sections:
                 impls = [("reference (eager)", ref_fwd), ("reference (compile)", _compiled(ref_fwd, args))]
                 impls += [(f"mcl_embed ({b})", kernel_fwd(b)) for b in backends]
+                impls += gemm_bound(bound_fwd, fwd_flops, peak, case)
                 with torch.no_grad():
                     runner.case("kernel-fwd", case, dtype_name, peak, fwd_flops, shape,
                                 [i for i in impls if i[1] is not None])
@@ -209,6 +270,7 @@ def training_sections(runner: Runner, sections: Sequence[str], dtype_name: str, 
                 if compiled is not None:
                     impls.append(("reference (compile)", train(compiled)))
                 impls += [(f"mcl_embed ({b})", train(kernel_fwd(b))) for b in backends]
+                impls += gemm_bound(bound_fwdbwd, train_flops, peak, case)
                 runner.case("kernel-fwd+bwd", case, dtype_name, peak, train_flops, shape, impls, memory=True)
                 if dev.type == "cuda":
                     # The same steps replayed from a CUDA graph: the GPU's time alone. A step here is about a
@@ -257,8 +319,11 @@ def infer_section(runner: Runner, dtype_name: str, peak: float) -> None:
                               lambda: mk.embed_tokens(x, weight, bias, cls, pos, backend="cpu", packed_weight=blob)))
             shape = {"B": B, "H": H, "W": W, "D": D, "P": P}
             case = f"{WIDTHS.get(D, '')} D={D} B={B} {H}x{W}/{P}".strip()
+            flops = 2.0 * B * n * D * C * P * P
+            patches, w_t = torch.randn(B * n, C * P * P, device=dev, dtype=dtype), weight.reshape(D, -1).t()
+            impls += gemm_bound(lambda: patches @ w_t, flops, peak, case)
             with torch.no_grad():
-                runner.case("kernel-infer", case, dtype_name, peak, 2.0 * B * n * D * C * P * P, shape,
+                runner.case("kernel-infer", case, dtype_name, peak, flops, shape,
                             [i for i in impls if i[1] is not None])
 
 

@@ -9,6 +9,9 @@ Sections (``--sections``, default all):
   ``torch.compile`` of it, and ``mcl_kernels.embed_tokens`` on every backend available on the device.
 - ``kernels``: ``benchmarks/kernels.py`` at this run's widths, batch and dtype: each fused kernel against the
   eager reference and ``torch.compile`` of it (forward, forward+backward with peak memory, inference embed).
+Each case of the embed, merged and kernels sections ends with ``bound: GEMMs (torch.mm)``: the case's GEMMs alone
+through ``torch.mm`` on operands built ahead, nothing else done; the best an implementation whose GEMMs are no
+faster than torch's own could reach on those shapes (``kernels.training_gemm_bound``).
 
 Each row gives the median time, achieved GFLOP/s, the fraction of this machine's ``torch.mm`` peak
 measured in the same run, and the ratio baseline-time ÷ time (> 1: faster than the baseline).
@@ -29,6 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
+import kernels  # noqa: E402
 from harness import Row  # noqa: E402
 
 import mcl_kernels as mk  # noqa: E402
@@ -76,7 +80,7 @@ class Bench:
     def case(self, section: str, case: str, flops: float, shape: Dict[str, int],
              impls: Sequence[tuple]) -> None:
         harness.time_case(self.rows, self.device, self.args.warmup, self.args.repeats, section, case,
-                          self.args.dtype, self.peak, flops, shape, impls)
+                          self.args.dtype, self.peak, flops, shape, impls, no_memory=(kernels.BOUND,))
 
 
 def _compiled(fn: Callable, args: argparse.Namespace) -> Optional[Callable]:
@@ -94,12 +98,9 @@ def embed_section(bench: Bench, args: argparse.Namespace) -> None:
         x = torch.randn(B, 3, H, W, device=dev, dtype=dtype)
         params = (m.proj.weight, m.proj.bias, m.compress.weight, m.compress.bias, m.decompress.weight,
                   m.decompress.bias)
-        ns, nl = (H // p) * (W // p), (H // (p * k)) * (W // (p * k))
-        gemm = {"embed": ns * D * 3 * p * p, "compress": nl * D * k * k * D, "decompress": nl * k * k * D * D}
-        fwd_flops = 2.0 * B * sum(gemm.values())
-        # backward: every weight gradient (= forward FLOPs) + token gradients through decompress and compress
-        # (the pixels need none)
-        bwd_flops = fwd_flops + 2.0 * B * (gemm["compress"] + gemm["decompress"])
+        ns, nl = kernels.token_counts(H, W, p, k)
+        fwd_flops, train_flops = kernels.training_flops(B, kernels.training_gemms(D, 3, H, W, p, k))
+        bound_fwd, bound_train = kernels.training_gemm_bound(B, D, 3, p, k, ns, nl, dtype, dev)
         shape = {"B": B, "H": H, "W": W, "D": D, "p": p, "k": k}
         name = f"{WIDTHS.get(D, '')} D={D} B={B} {H}x{W}".strip()
 
@@ -113,6 +114,7 @@ def embed_section(bench: Bench, args: argparse.Namespace) -> None:
         with torch.no_grad():
             impls = [("reference (eager)", ref_fwd), ("reference (compile)", compiled_fwd),
                      (f"FusedMCLEmbed ({args.backend})", mod_fwd)]
+            impls += kernels.gemm_bound(bound_fwd, fwd_flops, bench.peak, name)
             bench.case("embed-fwd", name, fwd_flops, shape, [(n, f) for n, f in impls if f is not None])
 
         grads = [torch.randn(B, ns, D, device=dev, dtype=dtype), torch.randn(B, nl, D, device=dev, dtype=dtype),
@@ -132,7 +134,8 @@ def embed_section(bench: Bench, args: argparse.Namespace) -> None:
             compiled_train = _compiled(ref_fwd, args)
             impls.append(("reference (compile)", train(compiled_train)))
         impls.append((f"FusedMCLEmbed ({args.backend})", train(mod_fwd)))
-        bench.case("embed-fwd+bwd", name, fwd_flops + bwd_flops, shape, impls)
+        impls += kernels.gemm_bound(bound_train, train_flops, bench.peak, name)
+        bench.case("embed-fwd+bwd", name, train_flops, shape, impls)
 
 
 def merged_section(bench: Bench, args: argparse.Namespace) -> None:
@@ -181,6 +184,8 @@ def merged_section(bench: Bench, args: argparse.Namespace) -> None:
             impls.append(("mcl embed_tokens (cpu, prepacked)",
                           lambda: mk.embed_tokens(x, merged.proj.weight, merged.proj.bias, cls, pos, backend="cpu",
                                                   packed_weight=blob)))
+        patches, w_t = torch.randn(B * n, 3 * P * P, device=dev, dtype=dtype), merged.proj.weight.reshape(D, -1).t()
+        impls += kernels.gemm_bound(lambda: patches @ w_t, flops, bench.peak, name)
         with torch.no_grad():
             bench.case("merged", name, flops, shape, impls)
 
@@ -343,10 +348,7 @@ def models_section(bench: Bench, args: argparse.Namespace) -> None:
             opt.zero_grad(set_to_none=True)
             if is_mcl:  # the fused embedding's GEMMs (custom ops), counted as in the embed section
                 p, k, D, C = model.small_patch, model.compress, model.embed_dim, model.in_chans
-                ns, nl = (img // p) ** 2, (img // (p * k)) ** 2
-                embed, comp = 2.0 * B * ns * D * C * p * p, 2.0 * B * nl * D * k * k * D  # decompress: as comp
-                fwd = embed + 2 * comp
-                flops += fwd + (fwd + 2 * comp)  # forward; weight gradients + token gradients (no pixel ones)
+                flops += kernels.training_flops(B, kernels.training_gemms(D, C, img, img, p, k))[1]
             base = baselines.setdefault(("models-train", case), (label, sec))
             row("models-train", case, label, dname, {"B": B, "H": img, "W": img}, sec, flops, base,
                 {"images_per_s": B / sec, "params": sum(p.numel() for p in model.parameters())})
@@ -356,7 +358,6 @@ def models_section(bench: Bench, args: argparse.Namespace) -> None:
 def kernels_section(bench: Bench, args: argparse.Namespace) -> None:
     """benchmarks/kernels.py (fused kernels vs eager reference vs torch.compile: forward, forward+backward with
     peak memory, inference embed) at this run's widths, batch and dtype."""
-    import kernels
     kargs = kernels.parse_args([])
     kargs.widths, kargs.batches, kargs.dtypes = args.widths, str(args.batch), args.dtype
     kargs.img_size, kargs.patch, kargs.compress = args.img_size, args.patch, args.compress

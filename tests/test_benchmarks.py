@@ -83,12 +83,15 @@ def test_kernels_quick_run(tmp_path):
                     (section, "mcl_embed (auto)", dtype)} <= impls
         assert {("kernel-infer", "timm PatchEmbed+cat+add", dtype),
                 ("kernel-infer", "embed_tokens (cpu)", dtype)} <= impls
+    for section in ("kernel-fwd", "kernel-fwd+bwd", "kernel-infer"):  # quick shapes: cheap in either dtype
+        assert {(section, "bound: GEMMs (torch.mm)", dtype) for dtype in ("float32", "bfloat16")} <= impls
     for r in doc["rows"]:
         assert r["median_ms"] > 0 and r["gflops"] > 0 and r["ratio"] > 0 and r["extra"]["paired_ratio"] > 0
         if r["impl"] == r["baseline"]:
             assert r["extra"]["paired_ratio"] == 1.0
-        assert (r["extra"]["peak_memory_bytes"] is not None) == (r["section"] == "kernel-fwd+bwd")
-        if r["section"] == "kernel-fwd+bwd":
+        has_memory = r["section"] == "kernel-fwd+bwd" and not r["impl"].startswith("bound")
+        assert (r["extra"]["peak_memory_bytes"] is not None) == has_memory
+        if has_memory:
             assert r["extra"]["peak_memory_bytes"] > 0
 
 
@@ -282,3 +285,34 @@ def test_a_16_bit_peak_below_float32s_is_held_to_float32(monkeypatch, capsys):
     assert harness.measure_mm_peak(cpu, torch.float16) == 300.0
     assert harness.measure_mm_peak(cpu, torch.float32) == 134.0
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("B,D,H,W,p,k", [(2, 24, 32, 48, 8, 2), (1, 20, 36, 36, 4, 3)])
+def test_gemm_bound_does_the_cases_flops_and_so_does_the_reference(B, D, H, W, p, k):
+    """The bound rows time exactly the FLOPs the rows are rated by, and those are the reference's own (counted by
+    torch's FlopCounterMode: convolution, its weight gradient and every mm)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import kernels
+    from mcl_kernels import reference
+
+    def flops(fn):
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops()
+
+    C, cpu = 3, torch.device("cpu")
+    ns, nl = kernels.token_counts(H, W, p, k)
+    fwd_flops, train_flops = kernels.training_flops(B, kernels.training_gemms(D, C, H, W, p, k))
+    bound_fwd, bound_fwdbwd = kernels.training_gemm_bound(B, D, C, p, k, ns, nl, torch.float32, cpu)
+    assert flops(bound_fwd) == fwd_flops and flops(bound_fwdbwd) == train_flops
+    x, params = kernels.training_inputs(B, D, C, H, W, p, k, torch.float32, cpu)
+    leaves = [t.requires_grad_(True) for t in params]
+
+    def ref_step():
+        outs = reference.mcl_embed(x, *leaves, k)
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+
+    with torch.no_grad():
+        assert flops(lambda: reference.mcl_embed(x, *leaves, k)) == fwd_flops
+    assert flops(ref_step) == train_flops
