@@ -105,6 +105,12 @@ def _mm_rate(device: torch.device, dtype: torch.dtype, warmup: int, repeats: int
     return 2 * n ** 3 / sec / 1e9
 
 
+def own_mm_rate(device: torch.device, dtype: torch.dtype, warmup: int = 2, repeats: int = 7) -> float:
+    """GFLOP/s of torch's own large square mm in ``dtype`` (measured once per process, with :func:`measure_mm_peak`):
+    unlike that peak, never held to float32's."""
+    return _mm_rate(device, dtype, warmup, repeats)
+
+
 def measure_mm_peak(device: torch.device, dtype: torch.dtype, warmup: int = 2, repeats: int = 7) -> float:
     """GFLOP/s of a large square ``torch.mm`` (side :func:`mm_peak_size`): the practical roofline for GEMM-bound
     work here. Into a preallocated output, so a fresh result's page faults are not timed as GEMM.

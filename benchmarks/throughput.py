@@ -114,7 +114,7 @@ def embed_section(bench: Bench, args: argparse.Namespace) -> None:
         with torch.no_grad():
             impls = [("reference (eager)", ref_fwd), ("reference (compile)", compiled_fwd),
                      (f"FusedMCLEmbed ({args.backend})", mod_fwd)]
-            impls += kernels.gemm_bound(bound_fwd, fwd_flops, bench.peak, name)
+            impls += kernels.gemm_bound(bound_fwd, dev, dtype, bench.peak, name)
             bench.case("embed-fwd", name, fwd_flops, shape, [(n, f) for n, f in impls if f is not None])
 
         grads = [torch.randn(B, ns, D, device=dev, dtype=dtype), torch.randn(B, nl, D, device=dev, dtype=dtype),
@@ -134,7 +134,7 @@ def embed_section(bench: Bench, args: argparse.Namespace) -> None:
             compiled_train = _compiled(ref_fwd, args)
             impls.append(("reference (compile)", train(compiled_train)))
         impls.append((f"FusedMCLEmbed ({args.backend})", train(mod_fwd)))
-        impls += kernels.gemm_bound(bound_train, train_flops, bench.peak, name)
+        impls += kernels.gemm_bound(bound_train, dev, dtype, bench.peak, name)
         bench.case("embed-fwd+bwd", name, train_flops, shape, impls)
 
 
@@ -185,7 +185,7 @@ def merged_section(bench: Bench, args: argparse.Namespace) -> None:
                           lambda: mk.embed_tokens(x, merged.proj.weight, merged.proj.bias, cls, pos, backend="cpu",
                                                   packed_weight=blob)))
         patches, w_t = torch.randn(B * n, 3 * P * P, device=dev, dtype=dtype), merged.proj.weight.reshape(D, -1).t()
-        impls += kernels.gemm_bound(lambda: patches @ w_t, flops, bench.peak, name)
+        impls += kernels.gemm_bound(lambda: patches @ w_t, dev, dtype, bench.peak, name)
         with torch.no_grad():
             bench.case("merged", name, flops, shape, impls)
 

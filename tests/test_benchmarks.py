@@ -83,8 +83,11 @@ def test_kernels_quick_run(tmp_path):
                     (section, "mcl_embed (auto)", dtype)} <= impls
         assert {("kernel-infer", "timm PatchEmbed+cat+add", dtype),
                 ("kernel-infer", "embed_tokens (cpu)", dtype)} <= impls
-    for section in ("kernel-fwd", "kernel-fwd+bwd", "kernel-infer"):  # quick shapes: cheap in either dtype
-        assert {(section, "bound: GEMMs (torch.mm)", dtype) for dtype in ("float32", "bfloat16")} <= impls
+    for section in ("kernel-fwd", "kernel-fwd+bwd", "kernel-infer"):
+        assert (section, "bound: GEMMs (torch.mm)", "float32") in impls
+        # bf16: a bound row, or where torch's bf16 mm is not the fast path (no bf16 arithmetic), the reason
+        bf16_bound = (section, "bound: GEMMs (torch.mm)", "bfloat16") in impls
+        assert bf16_bound or "torch.mm in torch.bfloat16 runs at" in res.stderr
     for r in doc["rows"]:
         assert r["median_ms"] > 0 and r["gflops"] > 0 and r["ratio"] > 0 and r["extra"]["paired_ratio"] > 0
         if r["impl"] == r["baseline"]:
