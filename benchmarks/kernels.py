@@ -182,10 +182,10 @@ def training_gemm_bound(B: int, D: int, C: int, p: int, k: int, ns: int, nl: int
     grouped tokens and the gradients already built): (forward, forward + backward). Nothing else is done, no
     patchify, grouping, bias or sum, so its time bounds any implementation whose GEMMs run no faster than torch's
     own on these shapes; its FLOPs are the case's (tests count them)."""
-    torch.manual_seed(1)
+    gen = torch.Generator(device).manual_seed(1)  # its own: the callers' seeded inputs stay as they were
 
     def rand(*shape):
-        return torch.randn(*shape, device=device, dtype=dtype)
+        return torch.randn(*shape, device=device, dtype=dtype, generator=gen)
 
     cpp, kd = C * p * p, k * k * D
     patches, emb_w = rand(B * ns, cpp), rand(D, cpp)  # im2col(x); proj.weight as [D, C*p*p]
