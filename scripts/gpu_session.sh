@@ -36,10 +36,10 @@ if [[ " $stages " == *" bench "* ]]; then
   stamp "kernel benchmarks"
   timeout ${BENCH_TIMEOUT:-210} $PY benchmarks/kernels.py --device cuda --widths 384 --batches 256 \
       --dtypes bfloat16 --sections ${SECTIONS:-fwd,fwdbwd,infer,attn,packed} --json "$OUT/kernels-gpu.json" > "$OUT/kernels.log" 2>&1
-  echo "bench rc=$?"; grep -v "^  " "$OUT/kernels.log" | tail -60
+  echo "bench rc=$?"; grep -v "^  " "$OUT/kernels.log" | tail -70
   stamp "fp32 kernel benchmarks (no compile rows)"
   timeout ${FP32_TIMEOUT:-70} $PY benchmarks/kernels.py --device cuda --widths 384 --batches 256 --no-compile \
       --dtypes float32 --sections fwd,fwdbwd,infer --json "$OUT/kernels-gpu-fp32.json" > "$OUT/kernels-fp32.log" 2>&1
-  echo "fp32 bench rc=$?"; grep -v "^  " "$OUT/kernels-fp32.log" | grep "kernel-" | tail -20
+  echo "fp32 bench rc=$?"; grep -v "^  " "$OUT/kernels-fp32.log" | grep "kernel-" | tail -30
 fi
 stamp done
