@@ -208,17 +208,25 @@ def training_gemm_bound(B: int, D: int, C: int, p: int, k: int, ns: int, nl: int
     return forward, forward_backward
 
 
-def gemm_bound(fn: Callable[[], object], device: torch.device, dtype: torch.dtype, peak: float,
-               case: str) -> List[Tuple[str, Callable]]:
-    """The row of a case's GEMMs alone (:data:`BOUND`), unless torch's own mm in this dtype runs at under half the
-    peak the rows are held to: there torch's GEMM is not the fast path (bf16 on CPUs without bf16 arithmetic, where
-    the peak is float32's) and bounds nothing."""
+def infer_gemm_bound(B: int, n: int, weight: torch.Tensor) -> Callable[[], object]:
+    """The inference embedding's GEMM alone, through ``torch.mm`` on a patch matrix built ahead (as
+    :func:`training_gemm_bound`): ``[B * n, C * P * P] @ weight.reshape(D, -1).t()``."""
+    gen = torch.Generator(weight.device).manual_seed(1)
+    w_t = weight.detach().reshape(weight.shape[0], -1).t()
+    patches = torch.randn(B * n, w_t.shape[0], device=weight.device, dtype=weight.dtype, generator=gen)
+    return lambda: patches @ w_t
+
+
+def bound_runs(device: torch.device, dtype: torch.dtype, peak: float, case: str) -> bool:
+    """Whether a case gets its :data:`BOUND` row: not where torch's own mm in this dtype runs at under half the peak
+    the rows are held to, since there torch's GEMM is not the fast path (bf16 on CPUs without bf16 arithmetic, where
+    the peak is float32's) and bounds nothing (said on stderr). Asked before the bound's operands are built."""
     rate = harness.own_mm_rate(device, dtype)
     if rate < peak / 2:
         print(f"  [{case}] {BOUND}: skipped, torch.mm in {dtype} runs at {rate:.1f} GFLOP/s here, under half the "
               f"{peak:.1f} the rows are held to", file=sys.stderr)
-        return []
-    return [(BOUND, fn)]
+        return False
+    return True
 
 
 def training_sections(runner: Runner, sections: Sequence[str], dtype_name: str, peak: float) -> None:
@@ -244,12 +252,15 @@ def training_sections(runner: Runner, sections: Sequence[str], dtype_name: str, 
                     return tuple(mk.mcl_embed(x, *leaves, compress=k, backend=backend))
                 return run
 
-            bound_fwd, bound_fwdbwd = training_gemm_bound(B, D, C, p, k, ns, nl, dtype, dev)
+            bound = None  # (forward, forward + backward) of the case's GEMMs alone
+            if bound_runs(dev, dtype, peak, case):
+                bound = training_gemm_bound(B, D, C, p, k, ns, nl, dtype, dev)
 
             if "fwd" in sections:
                 impls = [("reference (eager)", ref_fwd), ("reference (compile)", _compiled(ref_fwd, args))]
                 impls += [(f"mcl_embed ({b})", kernel_fwd(b)) for b in backends]
-                impls += gemm_bound(bound_fwd, dev, dtype, peak, case)
+                if bound is not None:
+                    impls.append((BOUND, bound[0]))
                 with torch.no_grad():
                     runner.case("kernel-fwd", case, dtype_name, peak, fwd_flops, shape,
                                 [i for i in impls if i[1] is not None])
@@ -271,7 +282,8 @@ def training_sections(runner: Runner, sections: Sequence[str], dtype_name: str, 
                 if compiled is not None:
                     impls.append(("reference (compile)", train(compiled)))
                 impls += [(f"mcl_embed ({b})", train(kernel_fwd(b))) for b in backends]
-                impls += gemm_bound(bound_fwdbwd, dev, dtype, peak, case)
+                if bound is not None:
+                    impls.append((BOUND, bound[1]))
                 runner.case("kernel-fwd+bwd", case, dtype_name, peak, train_flops, shape, impls, memory=True)
                 if dev.type == "cuda":
                     # The same steps replayed from a CUDA graph: the GPU's time alone. A step here is about a
@@ -321,8 +333,8 @@ def infer_section(runner: Runner, dtype_name: str, peak: float) -> None:
             shape = {"B": B, "H": H, "W": W, "D": D, "P": P}
             case = f"{WIDTHS.get(D, '')} D={D} B={B} {H}x{W}/{P}".strip()
             flops = 2.0 * B * n * D * C * P * P
-            patches, w_t = torch.randn(B * n, C * P * P, device=dev, dtype=dtype), weight.reshape(D, -1).t()
-            impls += gemm_bound(lambda: patches @ w_t, dev, dtype, peak, case)
+            if bound_runs(dev, dtype, peak, case):
+                impls.append((BOUND, infer_gemm_bound(B, n, weight)))
             with torch.no_grad():
                 runner.case("kernel-infer", case, dtype_name, peak, flops, shape,
                             [i for i in impls if i[1] is not None])

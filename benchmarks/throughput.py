@@ -11,7 +11,7 @@ Sections (``--sections``, default all):
   eager reference and ``torch.compile`` of it (forward, forward+backward with peak memory, inference embed).
 Each case of the embed, merged and kernels sections ends with ``bound: GEMMs (torch.mm)``: the case's GEMMs alone
 through ``torch.mm`` on operands built ahead, nothing else done; the best an implementation whose GEMMs are no
-faster than torch's own could reach on those shapes (``kernels.training_gemm_bound``).
+faster than torch's own could reach on those shapes (``kernels.training_gemm_bound``, ``infer_gemm_bound``).
 
 Each row gives the median time, achieved GFLOP/s, the fraction of this machine's ``torch.mm`` peak
 measured in the same run, and the ratio baseline-time ÷ time (> 1: faster than the baseline).
@@ -100,9 +100,11 @@ def embed_section(bench: Bench, args: argparse.Namespace) -> None:
                   m.decompress.bias)
         ns, nl = kernels.token_counts(H, W, p, k)
         fwd_flops, train_flops = kernels.training_flops(B, kernels.training_gemms(D, 3, H, W, p, k))
-        bound_fwd, bound_train = kernels.training_gemm_bound(B, D, 3, p, k, ns, nl, dtype, dev)
         shape = {"B": B, "H": H, "W": W, "D": D, "p": p, "k": k}
         name = f"{WIDTHS.get(D, '')} D={D} B={B} {H}x{W}".strip()
+        bound = None  # (forward, forward + backward) of the case's GEMMs alone
+        if kernels.bound_runs(dev, dtype, bench.peak, name):
+            bound = kernels.training_gemm_bound(B, D, 3, p, k, ns, nl, dtype, dev)
 
         def ref_fwd():
             return reference.mcl_embed(x, *params, k)
@@ -114,7 +116,8 @@ def embed_section(bench: Bench, args: argparse.Namespace) -> None:
         with torch.no_grad():
             impls = [("reference (eager)", ref_fwd), ("reference (compile)", compiled_fwd),
                      (f"FusedMCLEmbed ({args.backend})", mod_fwd)]
-            impls += kernels.gemm_bound(bound_fwd, dev, dtype, bench.peak, name)
+            if bound is not None:
+                impls.append((kernels.BOUND, bound[0]))
             bench.case("embed-fwd", name, fwd_flops, shape, [(n, f) for n, f in impls if f is not None])
 
         grads = [torch.randn(B, ns, D, device=dev, dtype=dtype), torch.randn(B, nl, D, device=dev, dtype=dtype),
@@ -134,7 +137,8 @@ def embed_section(bench: Bench, args: argparse.Namespace) -> None:
             compiled_train = _compiled(ref_fwd, args)
             impls.append(("reference (compile)", train(compiled_train)))
         impls.append((f"FusedMCLEmbed ({args.backend})", train(mod_fwd)))
-        impls += kernels.gemm_bound(bound_train, dev, dtype, bench.peak, name)
+        if bound is not None:
+            impls.append((kernels.BOUND, bound[1]))
         bench.case("embed-fwd+bwd", name, train_flops, shape, impls)
 
 
@@ -184,8 +188,8 @@ def merged_section(bench: Bench, args: argparse.Namespace) -> None:
             impls.append(("mcl embed_tokens (cpu, prepacked)",
                           lambda: mk.embed_tokens(x, merged.proj.weight, merged.proj.bias, cls, pos, backend="cpu",
                                                   packed_weight=blob)))
-        patches, w_t = torch.randn(B * n, 3 * P * P, device=dev, dtype=dtype), merged.proj.weight.reshape(D, -1).t()
-        impls += kernels.gemm_bound(lambda: patches @ w_t, dev, dtype, bench.peak, name)
+        if kernels.bound_runs(dev, dtype, bench.peak, name):
+            impls.append((kernels.BOUND, kernels.infer_gemm_bound(B, n, merged.proj.weight)))
         with torch.no_grad():
             bench.case("merged", name, flops, shape, impls)
 
